@@ -9,6 +9,8 @@ APT_PACKAGES := build-essential cmake ninja-build ccache libeigen3-dev libgtest-
                 nlohmann-json3-dev zlib1g-dev python3-venv python3-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CCACHE_DIR ?= $(CURDIR)/build/ccache
+# ccache caches compiles that use the precompiled header only with these relaxations.
+export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
 
 .PHONY: all deps build test test-cpp test-py demo bench clean
 
@@ -24,7 +26,6 @@ deps:
 
 $(VENV)/.installed: requirements-dev.txt | deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 from pathlib import Path
 
@@ -10,14 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Loaded by path so these tests do not depend on the package __init__ (which imports the
-# compiled core). The integrator may switch this to `from dicebox import imagefolder`.
-_SPEC = importlib.util.spec_from_file_location(
-    "dicebox_imagefolder_under_test",
-    Path(__file__).parents[1] / "python/dicebox/imagefolder.py",
-)
-imagefolder = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(imagefolder)
+from dicebox import imagefolder
 read_folder = imagefolder.read_folder
 decode_image = imagefolder.decode_image
 

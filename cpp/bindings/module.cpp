@@ -214,7 +214,8 @@ PYBIND11_MODULE(_core, m) {
       "train",
       [](const std::string& genome_json, const Dataset& train_set, const Dataset* val, int64_t epochs,
          int64_t batch_size, int64_t patience, uint64_t seed, double augment, double label_smoothing, int threads,
-         std::string checkpoint_dir, const Model* init, std::shared_ptr<CancelToken> cancel, py::object callback) {
+         std::string checkpoint_dir, const Model* init, std::shared_ptr<CancelToken> cancel, py::object callback,
+         std::string device) {
         Genome genome = Genome::from_json(genome_json);
         TrainOptions o;
         o.epochs = epochs;
@@ -225,6 +226,7 @@ PYBIND11_MODULE(_core, m) {
         o.label_smoothing = label_smoothing;
         o.threads = threads;
         o.checkpoint_dir = std::move(checkpoint_dir);
+        o.device = std::move(device);
         if (init) o.init = *init;
         o.cancel = std::move(cancel);
         if (!callback.is_none()) {
@@ -245,7 +247,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("genome_json"), py::arg("train"), py::arg("val"), py::arg("epochs"), py::arg("batch_size"),
       py::arg("patience"), py::arg("seed"), py::arg("augment"), py::arg("label_smoothing"), py::arg("threads"),
-      py::arg("checkpoint_dir"), py::arg("init"), py::arg("cancel"), py::arg("callback"));
+      py::arg("checkpoint_dir"), py::arg("init"), py::arg("cancel"), py::arg("callback"), py::arg("device"));
 
   py::class_<BatchLoader>(m, "BatchLoader")
       .def(py::init([](const Dataset& d, int64_t batch_size, bool shuffle, uint64_t seed, double augment,

@@ -30,6 +30,7 @@
 #include <unordered_map>
 
 #include "dicebox/errors.h"
+#include "dicebox/random.h"
 #include "dicebox/safetensors.h"
 
 namespace dicebox {
@@ -279,40 +280,7 @@ uint32_t read_u32_be(gzFile file, const std::string& path, const std::string& wh
   return uint32_t{bytes[0]} << 24 | uint32_t{bytes[1]} << 16 | uint32_t{bytes[2]} << 8 | bytes[3];
 }
 
-// A small PRNG of our own (splitmix64) so splits are identical across standard libraries.
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
 constexpr uint64_t kSplitStream = 0x53504c4954ULL;  // "SPLIT": keeps split draws apart from other streams
-
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-uint64_t hash_keys(std::initializer_list<uint64_t> keys) {
-  uint64_t h = 0;
-  for (uint64_t key : keys) h = mix64((h ^ key) + kGolden);
-  return h;
-}
-
-class SplitMix64 {
- public:
-  explicit SplitMix64(uint64_t state) : state_(state) {}
-  uint64_t next() { return mix64(state_ += kGolden); }
-  // Uniform in [0, bound), without modulo bias.
-  uint64_t below(uint64_t bound) {
-    const uint64_t threshold = (0 - bound) % bound;
-    for (;;)
-      if (uint64_t r = next(); r >= threshold) return r % bound;
-  }
-
- private:
-  uint64_t state_;
-};
-
-void shuffle(std::vector<int64_t>& values, SplitMix64& rng) {
-  for (size_t i = values.size(); i > 1; --i) std::swap(values[i - 1], values[rng.below(i)]);
-}
 
 // How many of a category's n images each part gets: floor(fraction * n), then the images
 // the floors leave over go one each to the parts with the largest remainders (earlier part
@@ -505,7 +473,7 @@ std::vector<Dataset> Dataset::split(const std::vector<double>& fractions, uint64
   for (size_t category = 0; category < members.size(); ++category) {
     // One stream per category: a category's draw does not depend on the others' sizes.
     SplitMix64 rng(hash_keys({seed, kSplitStream, category}));
-    shuffle(members[category], rng);
+    rng.shuffle(members[category]);
     const auto sizes = part_sizes(fractions, fraction_sum, members[category].size());
     size_t taken = 0;
     for (size_t p = 0; p < parts.size(); ++p) {

@@ -11,46 +11,13 @@
 #include <sstream>
 
 #include "dicebox/errors.h"
+#include "dicebox/random.h"
 
 namespace dicebox {
 namespace {
 
-// A small PRNG of our own (splitmix64): std::shuffle and the std distributions differ
-// between standard libraries, and the order must not.
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
 constexpr uint64_t kShuffleStream = 0x53485546464c45ULL;  // "SHUFFLE"
 constexpr uint64_t kAugmentStream = 0x4155474d454e54ULL;  // "AUGMENT"
-
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-uint64_t hash_keys(std::initializer_list<uint64_t> keys) {
-  uint64_t h = 0;
-  for (uint64_t key : keys) h = mix64((h ^ key) + kGolden);
-  return h;
-}
-
-class SplitMix64 {
- public:
-  explicit SplitMix64(uint64_t state) : state_(state) {}
-  uint64_t next() { return mix64(state_ += kGolden); }
-  // Uniform in [0, bound), without modulo bias.
-  uint64_t below(uint64_t bound) {
-    const uint64_t threshold = (0 - bound) % bound;
-    for (;;)
-      if (uint64_t r = next(); r >= threshold) return r % bound;
-  }
-  // Uniform in [low, high), from the top 53 bits.
-  double uniform(double low, double high) {
-    return low + (high - low) * static_cast<double>(next() >> 11) * 0x1.0p-53;
-  }
-
- private:
-  uint64_t state_;
-};
 
 constexpr double kMaxAngleDegrees = 10.0;
 constexpr double kMinScale = 0.7;
@@ -196,7 +163,7 @@ std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch, bool s
   for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = i;
   if (!shuffle) return order;
   SplitMix64 rng(hash_keys({seed, kShuffleStream, static_cast<uint64_t>(epoch)}));
-  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.below(i)]);
+  rng.shuffle(order);
   return order;
 }
 

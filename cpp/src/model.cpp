@@ -125,7 +125,7 @@ Metrics score(Network& network, const Dataset& dataset, const Normalisation& nor
   while (loader.next(b)) {
     auto x = torch::from_blob(b.images->data(), {b.size, b.shape.channels, b.shape.height, b.shape.width}, torch::kFloat32);
     auto y = torch::from_blob(b.labels->data(), {b.size}, torch::kInt64);
-    auto logits = network.forward(x);
+    auto logits = network.forward(x).cpu();
     loss_sum += torch::nn::functional::cross_entropy(
                     logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
                     .item<double>();
@@ -206,7 +206,7 @@ std::vector<float> Model::predict(const uint8_t* images, int64_t n, int64_t batc
   for (int64_t start = 0; start < n; start += batch_size) {
     int64_t count = std::min(batch_size, n - start);
     auto x = normalise(images + start * impl_->shape.pixels(), count, impl_->shape, impl_->normalisation);
-    auto probs = torch::softmax(impl_->network->forward(x), 1).contiguous();
+    auto probs = torch::softmax(impl_->network->forward(x), 1).cpu().contiguous();
     std::memcpy(out.data() + start * classes, probs.data_ptr<float>(), sizeof(float) * count * classes);
   }
   return out;

@@ -1,6 +1,8 @@
 // Genome plan -> tensors and forward pass (see network.h).
 #include "network.h"
 
+#include <torch/cuda.h>
+
 #include "dicebox/errors.h"
 
 namespace dicebox {
@@ -39,8 +41,10 @@ Network::Network(std::vector<ModuleSpec> plan, uint64_t seed)
       step.bias = init({spec.out}, spec.in);
     } else if (spec.kind == ModuleSpec::Kind::Conv2d) {
       int64_t fan_in = spec.in * spec.kernel[0] * spec.kernel[1];
-      step.weight = init({spec.out, spec.in, spec.kernel[0], spec.kernel[1]}, fan_in);
+      step.weight = init({spec.out, spec.in, spec.kernel[0], spec.kernel[1]}, fan_in)
+                        .contiguous(at::MemoryFormat::ChannelsLast);
       step.bias = init({spec.out}, fan_in);
+      channels_last_ = true;
     }
     if (step.weight.defined()) {
       step.weight.set_requires_grad(true);
@@ -50,8 +54,30 @@ Network::Network(std::vector<ModuleSpec> plan, uint64_t seed)
   }
 }
 
+torch::Device resolve_device(const std::string& name) {
+  const bool cuda = torch::cuda::is_available();
+  if (name == "cpu") return torch::kCPU;
+  if (name == "auto") return cuda ? torch::Device(torch::kCUDA) : torch::Device(torch::kCPU);
+  if (name == "cuda") {
+    if (!cuda) throw InvalidArgument("device: 'cuda' was asked for, but this LibTorch build has no CUDA or no GPU is visible");
+    return torch::kCUDA;
+  }
+  throw InvalidArgument("device: unknown device '" + name + "' (accepted: auto, cpu, cuda)");
+}
+
+void Network::to(torch::Device device) {
+  torch::NoGradGuard no_grad;
+  for (auto& s : steps_)
+    if (s.weight.defined()) {
+      s.weight = s.weight.to(device).detach().set_requires_grad(true);
+      s.bias = s.bias.to(device).detach().set_requires_grad(true);
+    }
+  device_ = device;
+}
+
 torch::Tensor Network::forward(const torch::Tensor& input) {
-  torch::Tensor x = input;
+  torch::Tensor x = input.to(device_);
+  if (channels_last_) x = x.contiguous(at::MemoryFormat::ChannelsLast);
   for (auto& s : steps_) {
     const ModuleSpec& m = s.spec;
     switch (m.kind) {
@@ -66,7 +92,9 @@ torch::Tensor Network::forward(const torch::Tensor& input) {
         break;
       case ModuleSpec::Kind::Dropout:
         if (training_ && m.rate > 0) {
-          auto mask = torch::empty_like(x).bernoulli_(1.0 - m.rate, generator_);
+          // The mask comes from the network's own CPU generator on every device, so a run
+          // is reproducible from its seed and its checkpoint.
+          auto mask = torch::empty(x.sizes(), x.options().device(torch::kCPU)).bernoulli_(1.0 - m.rate, generator_).to(device_);
           x = x * mask * (1.0 / (1.0 - m.rate));
         }
         break;

@@ -169,8 +169,10 @@ Model train(const Genome& genome, const Dataset& train_set, const Dataset* val, 
   impl->genome = genome;
   impl->categories = train_set.categories();
   impl->shape = train_set.shape();
+  const torch::Device device = resolve_device(o.device);
   impl->network = std::make_unique<Network>(plan, o.seed);
   Network& net = *impl->network;
+  net.to(device);
   if (o.init) {
     const Model& init = *o.init;
     if (init.input_shape() != train_set.shape() || init.categories().size() != train_set.categories().size())
@@ -219,7 +221,7 @@ Model train(const Genome& genome, const Dataset& train_set, const Dataset* val, 
         if (!o.on_batch(epoch, batch_index, loader.batches_per_epoch())) throw Cancelled("training was cancelled");
       }
       auto x = torch::from_blob(b.images->data(), {b.size, b.shape.channels, b.shape.height, b.shape.width}, torch::kFloat32);
-      auto y = torch::from_blob(b.labels->data(), {b.size}, torch::kInt64);
+      auto y = torch::from_blob(b.labels->data(), {b.size}, torch::kInt64).to(device);
       auto logits = net.forward(x);
       auto loss = torch::nn::functional::cross_entropy(logits, y, loss_options);
       optimizer->zero_grad();
@@ -270,6 +272,7 @@ Model train(const Genome& genome, const Dataset& train_set, const Dataset* val, 
   }
   if (state.best_epoch > 0) net.load(state.best, "best weights");
   net.set_training(false);
+  net.to(torch::kCPU);  // models are kept, saved and served on the CPU
   impl->history = state.history;
   return Model(impl);
 }

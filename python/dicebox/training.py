@@ -41,6 +41,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     init: Model | str | os.PathLike | None = None,
     cancel: _core.CancelToken | None = None,
+    device: str | None = None,
 ) -> Model:
     """Trains ``genome``'s network on ``train`` and returns the model with the best weights.
 
@@ -51,7 +52,8 @@ def train(
     checkpoint is written after every epoch and a later call with the same arguments resumes
     from it, ending exactly as an uninterrupted run. ``init`` warm-starts from a model (or
     its directory). ``cancel`` (a :class:`dicebox.CancelToken`) stops the run from another
-    thread with :class:`dicebox.Cancelled`.
+    thread with :class:`dicebox.Cancelled`. ``device`` is "cpu", "cuda" or "auto" (default:
+    ``DICEBOX_DEVICE``, else "auto": CUDA when the LibTorch build has it and a GPU is visible).
     """
     if not isinstance(train, Dataset):
         raise ValueError(f"train: expected a dicebox.Dataset, got {type(train).__name__}")
@@ -81,5 +83,6 @@ def train(
         init._core if init is not None else None,
         cancel,
         callback,
+        device if device is not None else os.environ.get("DICEBOX_DEVICE", "auto") or "auto",
     )
     return Model(core)

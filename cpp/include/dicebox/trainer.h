@@ -34,6 +34,7 @@ struct TrainOptions {
   double label_smoothing = 0.0;
   int threads = 0;                    // intra-op threads; 0 = leave as is
   int loader_threads = 1;
+  std::string device = "cpu";         // "cpu", "cuda" or "auto"
   std::string checkpoint_dir;         // empty = no checkpoints
   std::optional<Model> init;          // warm start: weights copied from this model
   std::shared_ptr<CancelToken> cancel;
