@@ -11,6 +11,7 @@
 
 #include "dicebox/dataset.h"
 #include "dicebox/errors.h"
+#include "dicebox/evolution.h"
 #include "dicebox/genome.h"
 #include "dicebox/loader.h"
 #include "dicebox/model.h"
@@ -43,6 +44,10 @@ py::array_t<T> to_array(std::vector<T> data, std::vector<py::ssize_t> shape) {
 }
 
 py::tuple shape_tuple(const Shape& s) { return py::make_tuple(s.channels, s.height, s.width); }
+
+using ShapeTuple = std::tuple<int64_t, int64_t, int64_t>;
+
+Shape to_shape(const ShapeTuple& t) { return Shape{std::get<0>(t), std::get<1>(t), std::get<2>(t)}; }
 
 Shape image_shape(const py::array& images) {
   if (images.ndim() != 4)
@@ -140,6 +145,54 @@ PYBIND11_MODULE(_core, m) {
     for (auto o : all_optimizers()) v.emplace_back(name_of(o));
     return v;
   });
+
+  // Evolution operators: genomes and spaces travel as canonical JSON strings.
+  m.def("space_preset", [](const std::string& name) { return SearchSpace::preset(name).to_json(); });
+  m.def("canonical_space", [](const std::string& text) { return SearchSpace::from_json(text).to_json(); });
+  m.def(
+      "random_genome",
+      [](const std::string& space, ShapeTuple shape, int64_t classes, uint64_t seed) {
+        return random_genome(SearchSpace::from_json(space), to_shape(shape), classes, seed).to_json();
+      },
+      py::arg("space"), py::arg("shape"), py::arg("classes"), py::arg("seed"));
+  m.def(
+      "crossover",
+      [](const std::string& a, const std::string& b, const std::string& space, ShapeTuple shape, int64_t classes,
+         uint64_t seed) {
+        return crossover(Genome::from_json(a), Genome::from_json(b), SearchSpace::from_json(space), to_shape(shape),
+                         classes, seed)
+            .to_json();
+      },
+      py::arg("a"), py::arg("b"), py::arg("space"), py::arg("shape"), py::arg("classes"), py::arg("seed"));
+  m.def(
+      "mutate",
+      [](const std::string& genome, const std::string& space, ShapeTuple shape, int64_t classes, double chance,
+         uint64_t seed) {
+        std::vector<std::string> applied;
+        auto g = mutate(Genome::from_json(genome), SearchSpace::from_json(space), to_shape(shape), classes, chance,
+                        seed, &applied);
+        return py::make_tuple(g.to_json(), applied);
+      },
+      py::arg("genome"), py::arg("space"), py::arg("shape"), py::arg("classes"), py::arg("chance"), py::arg("seed"));
+  m.def(
+      "breed",
+      [](const std::vector<std::tuple<int64_t, std::string, double>>& scored, int64_t population, double retain,
+         double random_select, double mutate_chance, const std::string& space, ShapeTuple shape, int64_t classes,
+         uint64_t seed) {
+        std::vector<Scored> in;
+        for (const auto& [id, genome, fitness] : scored) in.push_back(Scored{id, Genome::from_json(genome), fitness});
+        BreedOptions o;
+        o.population = population;
+        o.retain = retain;
+        o.random_select = random_select;
+        o.mutate_chance = mutate_chance;
+        std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+        for (auto& child : breed(in, o, SearchSpace::from_json(space), to_shape(shape), classes, seed))
+          out.emplace_back(child.genome.to_json(), child.parents);
+        return out;
+      },
+      py::arg("scored"), py::arg("population"), py::arg("retain"), py::arg("random_select"),
+      py::arg("mutate_chance"), py::arg("space"), py::arg("shape"), py::arg("classes"), py::arg("seed"));
 
   py::class_<CancelToken, std::shared_ptr<CancelToken>>(m, "CancelToken")
       .def(py::init<>())

@@ -82,6 +82,21 @@ void normalise_plane(float* values, int64_t size, float scale, float offset) {
 
 }  // namespace
 
+void normalise_images(const uint8_t* src, int64_t n, Shape shape, const std::vector<float>& mean,
+                      const std::vector<float>& std, float* dst) {
+  LoaderOptions options;
+  options.mean = mean;
+  options.std = std;
+  const Normaliser normaliser(options, shape.channels);
+  const int64_t plane = shape.height * shape.width;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < shape.channels; ++c) {
+      const int64_t at = (i * shape.channels + c) * plane;
+      convert_plane(src + at, dst + at, plane, normaliser.scale[static_cast<size_t>(c)],
+                    normaliser.offset[static_cast<size_t>(c)]);
+    }
+}
+
 AugmentParams draw_augmentation(uint64_t seed, int64_t epoch, int64_t sample, double probability) {
   SplitMix64 rng(hash_keys({seed, kAugmentStream, static_cast<uint64_t>(epoch), static_cast<uint64_t>(sample)}));
   // Everything is drawn whether applied or not, so raising the probability keeps the

@@ -89,16 +89,7 @@ Normalisation Normalisation::of(const Dataset& dataset) {
 
 torch::Tensor normalise(const uint8_t* images, int64_t n, Shape shape, const Normalisation& norm) {
   auto out = torch::empty({n, shape.channels, shape.height, shape.width}, torch::kFloat32);
-  float* dst = out.data_ptr<float>();
-  const int64_t plane = shape.height * shape.width;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < shape.channels; ++c) {
-      const float scale = 1.0f / (255.0f * norm.std[c]);
-      const float offset = -norm.mean[c] / norm.std[c];
-      const uint8_t* src = images + (i * shape.channels + c) * plane;
-      float* d = dst + (i * shape.channels + c) * plane;
-      for (int64_t p = 0; p < plane; ++p) d[p] = static_cast<float>(src[p]) * scale + offset;
-    }
+  normalise_images(images, n, shape, norm.mean, norm.std, out.data_ptr<float>());
   return out;
 }
 

@@ -7,6 +7,8 @@ core ``dicebox._core`` (C++, LibTorch); this package is the Python face of it.
 from dicebox import datasets
 from dicebox._core import Cancelled, CancelToken
 from dicebox.dataset import Dataset
+from dicebox.evolution import SearchSpace
+from dicebox.evolver import EvolutionResult, evolve
 from dicebox.genome import Genome
 from dicebox.loader import BatchLoader
 from dicebox.model import Model
@@ -19,8 +21,11 @@ __all__ = [
     "CancelToken",
     "Cancelled",
     "Dataset",
+    "EvolutionResult",
     "Genome",
     "Model",
+    "SearchSpace",
     "datasets",
+    "evolve",
     "train",
 ]

@@ -48,6 +48,18 @@ class Genome:
             return cls.from_json(value)
         raise ValueError(f"genome: expected a Genome, dict or JSON string, got {type(value).__name__}")
 
+    @classmethod
+    def random(cls, space: Any = None, seed: int = 0, input_shape: tuple[int, int, int] = (1, 28, 28),
+               classes: int = 10) -> Genome:
+        """A random genome from ``space`` (a :class:`dicebox.SearchSpace`, its dict, a preset
+        name, or None for the default), valid for images of ``input_shape`` (C, H, W)."""
+        from dicebox.evolution import SearchSpace
+
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        space = SearchSpace.coerce(space)
+        return cls(_core.random_genome(space.to_json(), tuple(input_shape), int(classes), int(seed)))
+
     def to_json(self) -> str:
         """Canonical JSON (compact, fixed key order)."""
         return self._json

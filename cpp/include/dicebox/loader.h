@@ -49,6 +49,10 @@ struct AugmentParams {
 AugmentParams draw_augmentation(uint64_t seed, int64_t epoch, int64_t sample, double probability);
 // Warps one uint8 image [C, H, W] by `params` (bilinear, zero fill) into float pixels 0-255.
 void augment_image(const uint8_t* src, Shape shape, const AugmentParams& params, float* dst);
+// Converts n uint8 images [n, C, H, W] to float32 ((x / 255) - mean[c]) / std[c] in `dst`,
+// exactly as the loader does (empty mean = 0, empty std = 1).
+void normalise_images(const uint8_t* src, int64_t n, Shape shape, const std::vector<float>& mean,
+                      const std::vector<float>& std, float* dst);
 // The order of samples in `epoch`: a permutation of 0..n-1 seeded by (seed, epoch).
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch, bool shuffle);
 
