@@ -77,7 +77,9 @@ void Network::to(torch::Device device) {
 
 torch::Tensor Network::forward(const torch::Tensor& input) {
   torch::Tensor x = input.to(device_);
-  if (channels_last_) x = x.contiguous(at::MemoryFormat::ChannelsLast);
+  // Not x.contiguous(ChannelsLast): with one channel that returns x with NCHW strides,
+  // and the first convolution and pooling would then pick the slower NCHW kernels.
+  if (channels_last_) x = torch::empty_like(x, at::MemoryFormat::ChannelsLast).copy_(x);
   for (auto& s : steps_) {
     const ModuleSpec& m = s.spec;
     switch (m.kind) {
@@ -94,7 +96,11 @@ torch::Tensor Network::forward(const torch::Tensor& input) {
         if (training_ && m.rate > 0) {
           // The mask comes from the network's own CPU generator on every device, so a run
           // is reproducible from its seed and its checkpoint.
-          auto mask = torch::empty(x.sizes(), x.options().device(torch::kCPU)).bernoulli_(1.0 - m.rate, generator_).to(device_);
+          // Same memory format as x: a mask in another layout would push every later
+          // elementwise op and the pooling backward into layout conversions.
+          auto mask = torch::empty_like(x, x.options().device(torch::kCPU), at::MemoryFormat::Preserve)
+                          .bernoulli_(1.0 - m.rate, generator_)
+                          .to(device_);
           x = x * mask * (1.0 / (1.0 - m.rate));
         }
         break;
