@@ -74,7 +74,7 @@ def _run_machine(params, space, fitness_of):
                 return evo
             continue
         for ind, epochs in todo:
-            evo.record(ind["id"], fitness_of(json.loads(ind["genome"])), epochs, 0.0)
+            evo.record(ind["id"], fitness_of(json.loads(ind["genome"])), epochs, 0.0, epochs)
 
 
 def _layer_count_fitness(genome):
@@ -113,7 +113,7 @@ def test_state_machine_is_deterministic_and_resumable_from_its_dict():
     evo = Evolution(params, space, (1, 8, 8), 3)
     todo = evo.tasks()
     for ind, epochs in todo[:3]:
-        evo.record(ind["id"], _layer_count_fitness(json.loads(ind["genome"])), epochs, 0.0)
+        evo.record(ind["id"], _layer_count_fitness(json.loads(ind["genome"])), epochs, 0.0, epochs)
     restored = Evolution.from_dict(json.loads(json.dumps(evo.to_dict())), params, space, (1, 8, 8), 3)
     while True:
         todo = restored.tasks()
@@ -122,18 +122,36 @@ def test_state_machine_is_deterministic_and_resumable_from_its_dict():
                 break
             continue
         for ind, epochs in todo:
-            restored.record(ind["id"], _layer_count_fitness(json.loads(ind["genome"])), epochs, 0.0)
+            restored.record(ind["id"], _layer_count_fitness(json.loads(ind["genome"])), epochs, 0.0, epochs)
     assert restored.leaderboard() == a.leaderboard()
     other = EvolutionParams(population=6, generations=4, seed=8)
     with pytest.raises(ValueError, match="another evolution run"):
         Evolution.from_dict(evo.to_dict(), other, space, (1, 8, 8), 3)
 
 
+def test_an_early_stopped_individual_is_done():
+    """Training that stops early (fewer epochs than asked) counts as done: it is neither
+    trained again nor asked for more."""
+    params = EvolutionParams(population=4, generations=3, epochs=6, seed=0)
+    evo = Evolution(params, dicebox.SearchSpace(**SMALL), (1, 8, 8), 3)
+    trainings = 0
+    while True:
+        todo = evo.tasks()
+        if not todo:
+            if not evo.advance():
+                break
+            continue
+        for ind, budget in todo:
+            trainings += 1
+            evo.record(ind["id"], 0.5 + ind["id"] / 100, 2, 0.0, budget)  # stopped after 2 of 6 epochs
+    assert trainings == evo.state["trained"] <= 12
+
+
 def test_halving_gives_full_epochs_to_the_best_third_only():
     params = EvolutionParams(population=9, generations=1, epochs=6, seed=0, schedule="halving")
     evo = _run_machine(params, dicebox.SearchSpace(**SMALL), _layer_count_fitness)
-    epochs = sorted(i["epochs"] for i in evo.generation["individuals"])
-    assert epochs.count(6) == 3 and epochs.count(2) == 6
+    budgets = sorted(i["budget"] for i in evo.generation["individuals"])
+    assert budgets.count(6) == 3 and budgets.count(2) == 6
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -152,8 +170,9 @@ def test_bad_evolve_arguments(data, kwargs, message):
 def test_evolve_end_to_end(data):
     train, val, test = data
     seen = []
+    # patience 1 over 4 epochs: some trainings stop early, and must still count as done
     result = dicebox.evolve(train, val, space=dicebox.SearchSpace(**SMALL), population=4, generations=3,
-                            epochs=2, seed=0, threads=2, test=test, callback=seen.append)
+                            epochs=4, patience=1, seed=0, threads=2, test=test, callback=seen.append)
     assert result.stopped == "completed"
     assert len(result.generations) == 3
     assert result.trained + result.cache_hits == len(seen) == 12
@@ -165,8 +184,8 @@ def test_evolve_end_to_end(data):
                             "elapsed"}
     # same seed and data: the same genomes in the same order, with two workers or one
     again = []
-    dicebox.evolve(train, val, space=dicebox.SearchSpace(**SMALL), population=4, generations=3, epochs=2,
-                   seed=0, threads=2, workers=2, callback=again.append)
+    dicebox.evolve(train, val, space=dicebox.SearchSpace(**SMALL), population=4, generations=3, epochs=4,
+                   patience=1, seed=0, threads=2, workers=2, callback=again.append)
     assert [r["genome"] for r in again] == [r["genome"] for r in seen]
 
 

@@ -8,18 +8,21 @@
 #include <cmath>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <sstream>
 
 #include "dicebox/errors.h"
+#include "json_fields.h"
 #include "dicebox/random.h"
 
 namespace dicebox {
 namespace {
 
 using json = nlohmann::json;
+using namespace json_fields;
 
 // Stream constants: each operator draws from its own stream of the caller's seed, so one
 // operator's draws never shift another's.
@@ -29,14 +32,15 @@ constexpr uint64_t kMutateStream = 0x65766f2d6d757461ULL;        // "evo-muta"
 constexpr uint64_t kSelectStream = 0x65766f2d73656c65ULL;        // "evo-sele"
 constexpr uint64_t kBreedStream = 0x65766f2d62726565ULL;         // "evo-bree"
 
-// plan_network() refuses a layer whose output holds more values per image than this
-// (genome.cpp); filter counts are chosen below it so drawn convolutions always build.
-constexpr int64_t kMaxFeatureValues = int64_t{1} << 26;
-
 // How often breed() draws a child again when it duplicates a member of the new generation.
 constexpr int kDuplicateRebreeds = 8;
 
-// ---- JSON and validation helpers (genome.cpp's conventions; its helpers are file-local) ---
+// How many genomes random_genome() draws before it settles for shrinking the cheapest. In
+// the default space most draws are within the budget, so this is rarely exhausted, and it
+// keeps the drawn distribution (rather than repair's shrunk networks) the common case.
+constexpr int kBudgetDraws = 32;
+
+// ---- JSON and validation helpers for the search space (field reads: json_fields.h) ---
 
 std::string space_field(std::string_view key) { return "space." + std::string(key); }
 
@@ -44,25 +48,6 @@ std::string number_text(double v) {
   std::ostringstream s;
   s << v;
   return s.str();
-}
-
-int64_t as_int(const json& value, const std::string& field) {
-  if (value.is_number_integer()) return value.get<int64_t>();
-  if (value.is_number_float()) {
-    double d = value.get<double>();
-    if (std::isfinite(d) && d == std::floor(d) && std::abs(d) < 9e15) return static_cast<int64_t>(d);
-  }
-  throw InvalidArgument(field + ": expected an integer, got " + value.dump());
-}
-
-double as_number(const json& value, const std::string& field) {
-  if (!value.is_number()) throw InvalidArgument(field + ": expected a number, got " + value.dump());
-  return value.get<double>();
-}
-
-std::string as_string(const json& value, const std::string& field) {
-  if (!value.is_string()) throw InvalidArgument(field + ": expected a string, got " + value.dump());
-  return value.get<std::string>();
 }
 
 // A JSON list whose elements `parse(element, "field[i]")` turns into values.
@@ -149,7 +134,7 @@ bool fits(const Layer& layer, const Site& site) {
   if (layer.type == LayerType::Dense || layer.type == LayerType::Dropout) return true;
   if (site.flat || !kernel_fits(layer, site.map)) return false;
   const Shape out = spatial_output(layer, site.map);
-  return out.height * out.width <= kMaxFeatureValues / out.channels;
+  return out.height * out.width <= GenomeLimits::max_feature_values / out.channels;
 }
 
 Site after(const Layer& layer, Site site) {
@@ -194,6 +179,84 @@ bool tidy(const Genome& genome) {
   return genome.layers.empty() || !only_dropout;
 }
 
+// ---- the compute budget ----------------------------------------------------------------------
+
+// How far a network is over the space's budget: each exceeded bound's overrun relative to
+// that bound, summed, so both bounds weigh alike whatever their scale; 0 within the budget.
+// Random draws and repair steps are ranked by it.
+double overrun(const NetworkCost& cost, const SearchSpace& space) {
+  double total = 0.0;
+  for (auto [value, bound] :
+       {std::pair{cost.parameters, space.max_parameters}, std::pair{cost.macs, space.max_macs}})
+    if (bound > 0 && value > bound) total += static_cast<double>(value - bound) / static_cast<double>(bound);
+  return total;
+}
+
+double overrun_of(const Genome& genome, const SearchSpace& space, Shape input, int64_t classes) {
+  return overrun(network_cost(genome, input, classes), space);
+}
+
+// One step narrower, staying inside the space: a dense layer halves (not below min_size), a
+// conv takes the next smaller count in `filters`. Either way the layer's own cost and the
+// next weighted layer's input shrink, and the feature maps keep their height and width.
+// None for other layer types or a layer already at the space's minimum.
+std::optional<Layer> narrower(const Layer& layer, const SearchSpace& space) {
+  Layer out = layer;
+  if (layer.type == LayerType::Dense && layer.size > space.min_size) {
+    out.size = std::max(layer.size / 2, space.min_size);
+    return out;
+  }
+  if (layer.type == LayerType::Conv2d) {
+    std::optional<int64_t> next;
+    for (int64_t f : space.filters)
+      if (f < layer.filters && (!next || f > *next)) next = f;
+    if (!next) return std::nullopt;
+    out.filters = *next;
+    return out;
+  }
+  return std::nullopt;
+}
+
+// The budget half of repair() for a genome that builds: greedy steps, each the one that
+// cuts the overrun most, narrowing before dropping (see repair() in evolution.h).
+Genome fit_budget(Genome genome, const SearchSpace& space, Shape input, int64_t classes) {
+  double over = overrun_of(genome, space, input, classes);
+  while (over > 0.0 && !genome.layers.empty()) {
+    std::optional<Genome> step;
+    double step_over = over;  // a narrowing must help
+    for (size_t i = 0; i < genome.layers.size(); ++i) {
+      const std::optional<Layer> smaller = narrower(genome.layers[i], space);
+      if (!smaller) continue;
+      Genome candidate = genome;
+      candidate.layers[i] = *smaller;
+      if (const double o = overrun_of(candidate, space, input, classes); o < step_over) {
+        step = std::move(candidate);
+        step_over = o;
+      }
+    }
+    if (!step) {
+      // No narrowing helps: drop the layer whose removal helps most, or hurts least (a pool
+      // whose removal enlarges what follows), so the loop always reaches the empty genome.
+      // Dropping the last layer always builds, so some candidate is taken. Ties go to a
+      // tidy candidate: a pile of dropouts is the last resort.
+      step_over = std::numeric_limits<double>::infinity();
+      for (size_t i = 0; i < genome.layers.size(); ++i) {
+        Genome candidate = genome;
+        candidate.layers.erase(candidate.layers.begin() + static_cast<std::ptrdiff_t>(i));
+        if (!builds(candidate, input, classes)) continue;  // e.g. a map over the size limit
+        const double o = overrun_of(candidate, space, input, classes);
+        if (o < step_over || (o == step_over && tidy(candidate) && !tidy(*step))) {
+          step = std::move(candidate);
+          step_over = o;
+        }
+      }
+    }
+    genome = std::move(*step);
+    over = step_over;
+  }
+  return genome;
+}
+
 // ---- layers drawn from the space -----------------------------------------------------------
 
 // A stride-1 "same" convolution keeps the map, so these depend only on the site.
@@ -207,7 +270,7 @@ std::vector<int64_t> fitting_kernels(const SearchSpace& space, const Site& site)
 std::vector<int64_t> fitting_filters(const SearchSpace& space, const Site& site) {
   std::vector<int64_t> out;
   for (int64_t f : space.filters)
-    if (site.map.height * site.map.width <= kMaxFeatureValues / f) out.push_back(f);
+    if (site.map.height * site.map.width <= GenomeLimits::max_feature_values / f) out.push_back(f);
   return out;
 }
 
@@ -308,7 +371,17 @@ struct MutationContext {
   SplitMix64 rng;
 };
 
-// Replaces `genome` by one of the valid `options`, tidy ones first; false if there are none.
+// What a mutation kind may choose: a genome that builds and is within the budget, so the
+// closing repair() in mutate() keeps the change rather than shrinking it away.
+bool acceptable(const Genome& genome, const MutationContext& c) {
+  try {
+    return overrun_of(genome, c.space, c.input, c.classes) == 0.0;
+  } catch (const InvalidArgument&) {
+    return false;
+  }
+}
+
+// Replaces `genome` by one of the acceptable `options`, tidy ones first; false if there are none.
 bool adopt(Genome& genome, std::vector<Genome> options, SplitMix64& rng) {
   if (options.empty()) return false;
   std::vector<Genome> tidy_options;
@@ -318,19 +391,20 @@ bool adopt(Genome& genome, std::vector<Genome> options, SplitMix64& rng) {
   return true;
 }
 
-// Changes one layer: a random one among those with a valid alternative, to a random one of
-// its valid alternatives. `alternatives` returns replacement layers that differ from the old.
+// Changes one layer: a random one among those with an acceptable alternative, to a random
+// one of its acceptable alternatives. `alternatives` returns replacement layers that differ
+// from the old.
 bool change_one_layer(Genome& genome, MutationContext& c,
                       const std::function<std::vector<Layer>(const Layer&)>& alternatives) {
   std::vector<std::vector<Genome>> per_layer;
   for (size_t i = 0; i < genome.layers.size(); ++i) {
-    std::vector<Genome> valid;
+    std::vector<Genome> accepted;
     for (const Layer& alternative : alternatives(genome.layers[i])) {
       Genome candidate = genome;
       candidate.layers[i] = alternative;
-      if (builds(candidate, c.input, c.classes)) valid.push_back(std::move(candidate));
+      if (acceptable(candidate, c)) accepted.push_back(std::move(candidate));
     }
-    if (!valid.empty()) per_layer.push_back(std::move(valid));
+    if (!accepted.empty()) per_layer.push_back(std::move(accepted));
   }
   if (per_layer.empty()) return false;
   const auto& chosen = pick(c.rng, per_layer);
@@ -371,7 +445,7 @@ bool mutate_add_layer(Genome& genome, MutationContext& c) {
       Genome candidate = genome;
       candidate.layers.insert(candidate.layers.begin() + static_cast<std::ptrdiff_t>(p),
                               draw_layer(type, c.space, sites[p], c.rng));
-      if (builds(candidate, c.input, c.classes)) options.push_back(std::move(candidate));
+      if (acceptable(candidate, c)) options.push_back(std::move(candidate));
     }
   return adopt(genome, std::move(options), c.rng);
 }
@@ -382,7 +456,7 @@ bool mutate_remove_layer(Genome& genome, MutationContext& c) {
   for (size_t i = 0; i < genome.layers.size(); ++i) {
     Genome candidate = genome;
     candidate.layers.erase(candidate.layers.begin() + static_cast<std::ptrdiff_t>(i));
-    if (builds(candidate, c.input, c.classes)) options.push_back(std::move(candidate));
+    if (acceptable(candidate, c)) options.push_back(std::move(candidate));
   }
   return adopt(genome, std::move(options), c.rng);
 }
@@ -396,21 +470,32 @@ bool mutate_replace_layer(Genome& genome, MutationContext& c) {
       if (type == genome.layers[i].type || !can_place(type, c.space, sites[i])) continue;
       Genome candidate = genome;
       candidate.layers[i] = draw_layer(type, c.space, sites[i], c.rng);
-      if (builds(candidate, c.input, c.classes)) options.push_back(std::move(candidate));
+      if (acceptable(candidate, c)) options.push_back(std::move(candidate));
     }
   return adopt(genome, std::move(options), c.rng);
 }
 
+// A new size for one dense layer, log-uniform over the space's range. A layer's cost grows
+// with its size, so when a larger draw breaks the budget a size below the old one (which
+// the budget affords, as it did the old size) is drawn instead.
 bool mutate_size(Genome& genome, MutationContext& c) {
-  return change_one_layer(genome, c, [&](const Layer& layer) -> std::vector<Layer> {
-    const int64_t lo = c.space.min_size, hi = c.space.max_size;
-    if (layer.type != LayerType::Dense || (lo == hi && layer.size == lo)) return {};
-    Layer changed = layer;
+  const int64_t lo = c.space.min_size, hi = c.space.max_size;
+  std::vector<Genome> options;  // at most one per dense layer
+  for (size_t i = 0; i < genome.layers.size(); ++i) {
+    const int64_t old_size = genome.layers[i].size;
+    if (genome.layers[i].type != LayerType::Dense || (lo == hi && old_size == lo)) continue;
+    Genome candidate = genome;
+    int64_t& size = candidate.layers[i].size;
     do {
-      changed.size = log_uniform_int(c.rng, lo, hi);
-    } while (changed.size == layer.size);
-    return {changed};
-  });
+      size = log_uniform_int(c.rng, lo, hi);
+    } while (size == old_size);
+    if (!acceptable(candidate, c) && size > old_size && old_size > lo)
+      size = log_uniform_int(c.rng, lo, old_size - 1);
+    if (acceptable(candidate, c)) options.push_back(std::move(candidate));
+  }
+  if (options.empty()) return false;
+  genome = std::move(options[c.rng.below(options.size())]);
+  return true;
 }
 
 bool mutate_filters(Genome& genome, MutationContext& c) {
@@ -483,6 +568,34 @@ constexpr MutationKind kMutationKinds[] = {
     {"rate", mutate_rate},
 };
 
+// One genome drawn from the space, budget aside: a layer count, then layer by layer a type
+// that fits where it stands.
+Genome draw_genome(const SearchSpace& space, Shape input, SplitMix64& rng) {
+  Genome genome;
+  genome.optimizer = pick(rng, space.optimizers);
+  genome.learning_rate = log_uniform(rng, space.min_learning_rate, space.max_learning_rate);
+  const int64_t count = space.min_layers + static_cast<int64_t>(rng.below(
+                                               static_cast<uint64_t>(space.max_layers - space.min_layers + 1)));
+  Site site{input};
+  for (int64_t position = 0; position < count; ++position) {
+    // A dropout first or after a dropout only when nothing else fits (see tidy()).
+    const bool dropout_welcome = position > 0 && genome.layers.back().type != LayerType::Dropout;
+    std::vector<LayerType> allowed, preferred;
+    for (LayerType type : space.layer_types) {
+      if (!can_place(type, space, site)) continue;
+      allowed.push_back(type);
+      if (type != LayerType::Dropout || dropout_welcome) preferred.push_back(type);
+    }
+    // A space without dense or dropout layers can run out of layers that fit a small map;
+    // the genome then ends early rather than failing.
+    if (allowed.empty()) break;
+    const LayerType type = pick(rng, preferred.empty() ? allowed : preferred);
+    genome.layers.push_back(draw_layer(type, space, site, rng));
+    site = after(genome.layers.back(), site);
+  }
+  return genome;
+}
+
 }  // namespace
 
 // ---- SearchSpace ---------------------------------------------------------------------------
@@ -502,6 +615,8 @@ SearchSpace SearchSpace::preset(std::string_view name) {
     space.max_learning_rate = 1e-1;
     space.min_dropout = 0.1;
     space.max_dropout = 0.5;
+    space.max_parameters = 0;
+    space.max_macs = 0;
     return space;
   }
   throw InvalidArgument("space: unknown preset '" + std::string(name) + "' (accepted: default, original)");
@@ -542,6 +657,8 @@ SearchSpace SearchSpace::from_json(std::string_view text) {
       });
     else if (key == "min_learning_rate") s.min_learning_rate = as_number(value, f);
     else if (key == "max_learning_rate") s.max_learning_rate = as_number(value, f);
+    else if (key == "max_parameters") s.max_parameters = as_int(value, f);
+    else if (key == "max_macs") s.max_macs = as_int(value, f);
     else throw InvalidArgument(f + ": unknown field");
   }
   s.validate();
@@ -564,6 +681,8 @@ std::string SearchSpace::to_json() const {
   j["optimizers"] = names_of(optimizers);
   j["min_learning_rate"] = min_learning_rate;
   j["max_learning_rate"] = max_learning_rate;
+  j["max_parameters"] = max_parameters;
+  j["max_macs"] = max_macs;
   return j.dump();
 }
 
@@ -592,6 +711,30 @@ void SearchSpace::validate() const {
       throw InvalidArgument(space_field(key) + ": " + number_text(value) + " is outside (0, " +
                             number_text(GenomeLimits::max_learning_rate) + "]");
   check_order(min_learning_rate, max_learning_rate, "min_learning_rate", "max_learning_rate");
+  for (auto [value, key] : {std::pair{max_parameters, "max_parameters"}, std::pair{max_macs, "max_macs"}})
+    if (value < 0)
+      throw InvalidArgument(space_field(key) + ": " + std::to_string(value) + " is negative (0 means unbounded)");
+}
+
+// ---- cost ----------------------------------------------------------------------------------
+
+// No overflow for any input an image of which fits in memory: a conv's in_c*kh*kw never
+// exceeds the values of the map it reads (kernels fit their maps), plan_network() caps the
+// map after every layer at 2^26 values and dense layers at 2^16 units, so even 65 weighted
+// modules stay far below 2^63.
+NetworkCost network_cost(const Genome& genome, Shape input, int64_t classes) {
+  NetworkCost cost;
+  for (const ModuleSpec& m : plan_network(genome, input, classes)) {
+    if (m.kind == ModuleSpec::Kind::Conv2d) {
+      const int64_t weights_per_filter = m.in * m.kernel[0] * m.kernel[1];
+      cost.parameters += m.out * (weights_per_filter + 1);
+      cost.macs += m.output.height * m.output.width * m.out * weights_per_filter;
+    } else if (m.kind == ModuleSpec::Kind::Linear) {
+      cost.parameters += m.out * (m.in + 1);
+      cost.macs += m.in * m.out;
+    }
+  }
+  return cost;
 }
 
 // ---- operators -----------------------------------------------------------------------------
@@ -600,30 +743,18 @@ Genome random_genome(const SearchSpace& space, Shape input, int64_t classes, uin
   space.validate();
   check_target(input, classes);
   SplitMix64 rng(hash_keys({seed, kRandomGenomeStream}));
-  Genome genome;
-  genome.optimizer = pick(rng, space.optimizers);
-  genome.learning_rate = log_uniform(rng, space.min_learning_rate, space.max_learning_rate);
-  const int64_t count = space.min_layers + static_cast<int64_t>(rng.below(
-                                               static_cast<uint64_t>(space.max_layers - space.min_layers + 1)));
-  Site site{input};
-  for (int64_t position = 0; position < count; ++position) {
-    // A dropout first or after a dropout only when nothing else fits (see tidy()).
-    const bool dropout_welcome = position > 0 && genome.layers.back().type != LayerType::Dropout;
-    std::vector<LayerType> allowed, preferred;
-    for (LayerType type : space.layer_types) {
-      if (!can_place(type, space, site)) continue;
-      allowed.push_back(type);
-      if (type != LayerType::Dropout || dropout_welcome) preferred.push_back(type);
+  Genome cheapest;
+  double cheapest_overrun = std::numeric_limits<double>::infinity();
+  for (int draw = 0; draw < kBudgetDraws; ++draw) {
+    Genome genome = draw_genome(space, input, rng);
+    const double over = overrun_of(genome, space, input, classes);
+    if (over == 0.0) return genome;
+    if (over < cheapest_overrun) {
+      cheapest = std::move(genome);
+      cheapest_overrun = over;
     }
-    // A space without dense or dropout layers can run out of layers that fit a small map;
-    // the genome then ends early rather than failing.
-    if (allowed.empty()) break;
-    const LayerType type = pick(rng, preferred.empty() ? allowed : preferred);
-    genome.layers.push_back(draw_layer(type, space, site, rng));
-    site = after(genome.layers.back(), site);
   }
-  plan_network(genome, input, classes);
-  return genome;
+  return repair(cheapest, space, input, classes);
 }
 
 Genome crossover(const Genome& a, const Genome& b, const SearchSpace& space, Shape input, int64_t classes,
@@ -646,7 +777,7 @@ Genome mutate(const Genome& genome, const SearchSpace& space, Shape input, int64
               uint64_t seed, std::vector<std::string>* applied) {
   space.validate();
   check_unit(chance, "chance");
-  // The kinds below keep a valid genome valid, so they start from one.
+  // The kinds below keep a valid genome valid and within the budget, so they start from one.
   Genome mutated = repair(genome, space, input, classes);
   SplitMix64 fire(hash_keys({seed, kMutateStream}));
   uint64_t stream = 0;
@@ -672,8 +803,7 @@ Genome repair(const Genome& genome, const SearchSpace& space, Shape input, int64
   }
   if (static_cast<int64_t>(out.layers.size()) > space.max_layers)
     out.layers.resize(static_cast<size_t>(space.max_layers));
-  plan_network(out, input, classes);
-  return out;
+  return fit_budget(std::move(out), space, input, classes);
 }
 
 void BreedOptions::validate() const {

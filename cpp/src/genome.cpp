@@ -8,11 +8,13 @@
 #include <sstream>
 
 #include "dicebox/errors.h"
+#include "json_fields.h"
 
 namespace dicebox {
 namespace {
 
 using json = nlohmann::json;
+using namespace json_fields;
 
 template <typename Enum>
 struct Names {
@@ -57,44 +59,6 @@ const Names<OptimizerName> kOptimizers{{{OptimizerName::Adadelta, "adadelta"},
                                         {OptimizerName::Rmsprop, "rmsprop"},
                                         {OptimizerName::Sgd, "sgd"}}};
 const Names<Padding> kPaddings{{{Padding::Same, "same"}, {Padding::Valid, "valid"}}};
-
-std::string at(std::string_view base, std::string_view key) {
-  return std::string(base) + "." + std::string(key);
-}
-
-void reject_unknown_keys(const json& object, std::string_view field,
-                         std::initializer_list<std::string_view> known) {
-  for (const auto& [key, value] : object.items()) {
-    bool ok = false;
-    for (auto k : known) ok = ok || key == k;
-    if (!ok) throw InvalidArgument(at(field, key) + ": unknown field");
-  }
-}
-
-const json& require(const json& object, std::string_view field, std::string_view key) {
-  auto it = object.find(std::string(key));
-  if (it == object.end()) throw InvalidArgument(at(field, key) + ": missing");
-  return *it;
-}
-
-int64_t as_int(const json& value, const std::string& field) {
-  if (value.is_number_integer()) return value.get<int64_t>();
-  if (value.is_number_float()) {
-    double d = value.get<double>();
-    if (std::isfinite(d) && d == std::floor(d) && std::abs(d) < 9e15) return static_cast<int64_t>(d);
-  }
-  throw InvalidArgument(field + ": expected an integer, got " + value.dump());
-}
-
-double as_number(const json& value, const std::string& field) {
-  if (!value.is_number()) throw InvalidArgument(field + ": expected a number, got " + value.dump());
-  return value.get<double>();
-}
-
-std::string as_string(const json& value, const std::string& field) {
-  if (!value.is_string()) throw InvalidArgument(field + ": expected a string, got " + value.dump());
-  return value.get<std::string>();
-}
 
 // A pair [h, w]; a single integer n means [n, n].
 std::array<int64_t, 2> as_pair(const json& value, const std::string& field) {
@@ -380,9 +344,9 @@ std::vector<ModuleSpec> plan_network(const Genome& genome, Shape input, int64_t 
         break;
       }
     }
-    if (cur.pixels() > int64_t{1} << 26)
+    if (cur.pixels() > GenomeLimits::max_feature_values)
       throw InvalidArgument(f + ": the feature map after this layer holds " + std::to_string(cur.pixels()) +
-                            " values per image, more than the limit of " + std::to_string(int64_t{1} << 26));
+                            " values per image, more than the limit of " + std::to_string(GenomeLimits::max_feature_values));
   }
   flatten();
   ModuleSpec out = module_of(Kind::Linear);

@@ -1,7 +1,8 @@
 // The evolution operators, property-style over many seeds: random genomes are valid and
 // inside the space, crossover takes its genes from the parents, mutation reports what it
 // changed, repair makes genomes buildable, breeding keeps the best and fills the
-// population; and the search space's presets, JSON form and validation messages.
+// population, and all of them keep to the compute budget; network costs; and the search
+// space's presets, JSON form and validation messages.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -123,10 +124,23 @@ Genome genome_of(std::vector<Layer> layers) {
 SearchSpace dense_space() { return SearchSpace::preset("original"); }
 
 // Same-padding convolutions and dropouts in any order: every layer fits every position.
+// Unbounded, so that a child's layers are exactly its parents' (the budget could narrow them).
 SearchSpace conv_space() {
   SearchSpace s;
   s.layer_types = {LayerType::Conv2d, LayerType::Dropout};
+  s.max_parameters = s.max_macs = 0;
   return s;
+}
+
+// The network built for `input` is within the space's budget.
+::testing::AssertionResult within_budget(const Genome& g, const SearchSpace& space, Shape input) {
+  const NetworkCost cost = network_cost(g, input, kClasses);
+  if ((space.max_parameters == 0 || cost.parameters <= space.max_parameters) &&
+      (space.max_macs == 0 || cost.macs <= space.max_macs))
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << cost.parameters << " parameters, " << cost.macs << " MACs for "
+                                       << input.channels << "x" << input.height << "x" << input.width << ": "
+                                       << g.to_json();
 }
 
 std::vector<Scored> population_of(const SearchSpace& space, Shape input, int64_t count, uint64_t seed) {
@@ -397,7 +411,10 @@ TEST(Repair, DropsConvAfterDenseAndFitsKernelsAndPools) {
   g = repair(genome_of({pool(2), conv(4, 5), pool(2), pool(2), conv(4, 3)}), space, Shape{1, 7, 7}, kClasses);
   EXPECT_EQ(g.layers, (std::vector<Layer>{pool(2), conv(4, 3), pool(2)}));
 
-  g = repair(genome_of({conv(4096, 3)}), space, Shape{1, 512, 512}, kClasses);  // too many values per image
+  // Too many values per image. Unbounded: the default budget would narrow it further.
+  SearchSpace unbounded = space;
+  unbounded.max_parameters = unbounded.max_macs = 0;
+  g = repair(genome_of({conv(4096, 3)}), unbounded, Shape{1, 512, 512}, kClasses);
   EXPECT_EQ(g.layers, std::vector<Layer>{conv(64, 3)});
 
   std::vector<Layer> many(10, dense(8));
@@ -557,6 +574,173 @@ TEST(Breed, RefusesBadArgumentsByName) {
   EXPECT_NE(error(scored, bad).find("mutate_chance"), std::string::npos);
 }
 
+// ---- compute budget --------------------------------------------------------------------------
+
+TEST(NetworkCost, MatchesHandCounts) {
+  // No layers: the output layer alone, 784 -> 10.
+  NetworkCost cost = network_cost(Genome{}, Shape{1, 28, 28}, kClasses);
+  EXPECT_EQ(cost.parameters, 784 * 10 + 10);
+  EXPECT_EQ(cost.macs, 784 * 10);
+
+  Layer dropout;
+  dropout.type = LayerType::Dropout;
+  dropout.rate = 0.5;
+  // MLP 784 -> 64 -> (dropout) -> 32 -> 10.
+  cost = network_cost(genome_of({dense(64), dropout, dense(32)}), Shape{1, 28, 28}, kClasses);
+  EXPECT_EQ(cost.parameters, (784 * 64 + 64) + (64 * 32 + 32) + (32 * 10 + 10));  // 52'650
+  EXPECT_EQ(cost.macs, 784 * 64 + 64 * 32 + 32 * 10);                           // 52'544
+
+  // The MNIST CNN the default budget is sized by: same-padded 3x3 convs keep the map, each
+  // pool halves it (28 -> 14 -> 7), so the dense layer reads 64 * 7 * 7 = 3136 features.
+  cost = network_cost(genome_of({conv(32, 3), pool(2), conv(64, 3), pool(2), dense(128)}), Shape{1, 28, 28}, kClasses);
+  EXPECT_EQ(cost.parameters, 32 * (1 * 9 + 1) + 64 * (32 * 9 + 1) + (3136 * 128 + 128) + (128 * 10 + 10));  // 421'642
+  EXPECT_EQ(cost.macs, 28 * 28 * 32 * 1 * 9 + 14 * 14 * 64 * 32 * 9 + 3136 * 128 + 128 * 10);            // 4'241'152
+
+  // A 2x2 "same" kernel pads unevenly (a ZeroPad2d module, which costs nothing): 5x5x3 ->
+  // 5x5x4, then 100 features -> 10.
+  cost = network_cost(genome_of({conv(4, 2)}), Shape{3, 5, 5}, kClasses);
+  EXPECT_EQ(cost.parameters, 4 * (3 * 2 * 2 + 1) + (100 * 10 + 10));
+  EXPECT_EQ(cost.macs, 5 * 5 * 4 * 3 * 2 * 2 + 100 * 10);
+
+  EXPECT_THROW(network_cost(genome_of({conv(4, 7)}), Shape{1, 5, 5}, kClasses), InvalidArgument);
+}
+
+TEST(Budget, DefaultPresetAndItsReferenceNetwork) {
+  const SearchSpace space = SearchSpace::preset("default");
+  EXPECT_EQ(space.max_parameters, 1'000'000);
+  EXPECT_EQ(space.max_macs, 20'000'000);
+  const Genome cnn = genome_of({conv(32, 3), pool(2), conv(64, 3), pool(2), dense(128)});
+  EXPECT_TRUE(within_budget(cnn, space, Shape{1, 28, 28}));
+  EXPECT_EQ(repair(cnn, space, Shape{1, 28, 28}, kClasses), cnn);
+}
+
+TEST(Budget, RandomMutatedAndBredGenomesStayWithinTheDefaultBudget) {
+  const SearchSpace space = SearchSpace::preset("default");
+  BreedOptions options;
+  options.population = 6;
+  for (const Shape& shape : {Shape{1, 28, 28}, Shape{3, 32, 32}, Shape{1, 8, 8}})
+    for (uint64_t seed = 0; seed < kSeeds; ++seed) {
+      const Genome a = random_genome(space, shape, kClasses, 2 * seed);
+      const Genome b = random_genome(space, shape, kClasses, 2 * seed + 1);
+      ASSERT_TRUE(within_budget(a, space, shape)) << "seed " << seed;
+      ASSERT_TRUE(in_space(a, space, shape)) << "seed " << seed;
+      for (double chance : {0.3, 1.0}) {
+        const Genome m = mutate(a, space, shape, kClasses, chance, seed);
+        ASSERT_TRUE(within_budget(m, space, shape)) << "seed " << seed << " chance " << chance;
+        ASSERT_TRUE(in_space(m, space, shape)) << "seed " << seed << " chance " << chance;
+      }
+      const Genome child = crossover(a, b, space, shape, kClasses, seed);
+      ASSERT_TRUE(within_budget(child, space, shape)) << "seed " << seed;
+      ASSERT_TRUE(in_space(child, space, shape)) << "seed " << seed;
+      for (const Offspring& o : breed(population_of(space, shape, 4, seed), options, space, shape, kClasses, seed)) {
+        ASSERT_TRUE(within_budget(o.genome, space, shape)) << "seed " << seed;
+        ASSERT_TRUE(in_space(o.genome, space, shape)) << "seed " << seed;
+      }
+    }
+}
+
+TEST(Budget, RepairNarrowsAMonsterDeterministically) {
+  const SearchSpace space = SearchSpace::preset("default");
+  const Shape mnist{1, 28, 28};
+  // Three 64-filter 5x5 convs at full resolution, then 64 * 28 * 28 features -> 256 units:
+  // ~13M parameters and ~175M MACs per image.
+  const Genome monster = genome_of({conv(64, 5), conv(64, 5), conv(64, 5), dense(256)});
+  const NetworkCost before = network_cost(monster, mnist, kClasses);
+  EXPECT_GT(before.parameters, space.max_parameters);
+  EXPECT_GT(before.macs, space.max_macs);
+
+  const Genome repaired = repair(monster, space, mnist, kClasses);
+  EXPECT_TRUE(within_budget(repaired, space, mnist));
+  EXPECT_TRUE(in_space(repaired, space, mnist));
+  EXPECT_EQ(repaired, repair(monster, space, mnist, kClasses));
+  EXPECT_EQ(repair(repaired, space, mnist, kClasses), repaired);
+  // Narrowing alone suffices here, so every layer stays, no wider than before.
+  ASSERT_EQ(repaired.layers.size(), monster.layers.size());
+  for (size_t i = 0; i < monster.layers.size(); ++i) {
+    EXPECT_EQ(repaired.layers[i].type, monster.layers[i].type);
+    EXPECT_EQ(repaired.layers[i].kernel, monster.layers[i].kernel);
+    EXPECT_LE(repaired.layers[i].filters, monster.layers[i].filters);
+    EXPECT_LE(repaired.layers[i].size, monster.layers[i].size);
+  }
+  EXPECT_NE(repaired, monster);
+}
+
+TEST(Budget, RepairDropsLayersWhenNarrowingCannotHelp) {
+  SearchSpace space = SearchSpace::preset("default");
+  space.max_macs = 10'000;
+  // The conv alone costs 28 * 28 * 8 * 9 = 56'448 MACs and is at the fewest filters (8),
+  // the dense layer at min_size: dropping the conv is what gets within the budget.
+  Genome g = repair(genome_of({conv(8, 3), pool(2), dense(16)}), space, Shape{1, 28, 28}, kClasses);
+  EXPECT_EQ(g.layers, (std::vector<Layer>{pool(2), dense(16)}));
+  EXPECT_TRUE(within_budget(g, space, Shape{1, 28, 28}));
+
+  // A budget below even the bare output layer (7850 parameters): every layer goes, and the
+  // empty genome (a linear classifier) is returned rather than an error.
+  space.max_parameters = 100;
+  g = repair(genome_of({conv(8, 3), pool(2), dense(16)}), space, Shape{1, 28, 28}, kClasses);
+  EXPECT_TRUE(g.layers.empty()) << g.to_json();
+  EXPECT_NO_THROW(mutate(g, space, Shape{1, 28, 28}, kClasses, 1.0, 0));
+}
+
+TEST(Budget, ZeroMeansUnbounded) {
+  // The original preset has no budget: a 21-layer 1597-wide MLP (~52M parameters) is drawn
+  // as is from a space that allows only that, and repair and mutation leave it alone.
+  SearchSpace space = SearchSpace::preset("original");
+  EXPECT_EQ(space.max_parameters, 0);
+  EXPECT_EQ(space.max_macs, 0);
+  space.layer_types = {LayerType::Dense};
+  space.min_layers = 21;
+  space.min_size = 1597;
+  const Genome wide = random_genome(space, Shape{1, 28, 28}, kClasses, 0);
+  ASSERT_EQ(wide.layers.size(), 21u);
+  for (const Layer& l : wide.layers) EXPECT_EQ(l.size, 1597);
+  EXPECT_GT(network_cost(wide, Shape{1, 28, 28}, kClasses).parameters, 50'000'000);
+  EXPECT_EQ(repair(wide, space, Shape{1, 28, 28}, kClasses), wide);
+  EXPECT_EQ(mutate(wide, space, Shape{1, 28, 28}, kClasses, 0.0, 0), wide);
+
+  // The same genome under a budget is narrowed.
+  space.max_parameters = 1'000'000;
+  space.min_size = 1;
+  const Genome narrowed = repair(wide, space, Shape{1, 28, 28}, kClasses);
+  EXPECT_TRUE(within_budget(narrowed, space, Shape{1, 28, 28}));
+  EXPECT_EQ(narrowed.layers.size(), 21u);
+
+  // Undisturbed original draws go past the default budget.
+  const SearchSpace original = SearchSpace::preset("original");
+  bool over = false;
+  for (uint64_t seed = 0; seed < kSeeds && !over; ++seed)
+    over = !within_budget(random_genome(original, Shape{1, 28, 28}, kClasses, seed), SearchSpace{}, Shape{1, 28, 28});
+  EXPECT_TRUE(over);
+}
+
+TEST(Budget, MutationKindsThatFireKeepTheirChangeUnderATightBudget) {
+  // A budget that a good share of draws and mutations run into.
+  SearchSpace space = SearchSpace::preset("default");
+  space.max_parameters = 60'000;
+  space.max_macs = 2'000'000;
+  const Shape mnist{1, 28, 28};
+  std::map<std::string, int> reported;
+  for (uint64_t seed = 0; seed < 2 * kSeeds; ++seed) {
+    const Genome g = random_genome(space, mnist, kClasses, seed);
+    ASSERT_TRUE(within_budget(g, space, mnist));
+    std::vector<std::string> applied;
+    const Genome m = mutate(g, space, mnist, kClasses, 0.15, seed, &applied);
+    ASSERT_TRUE(within_budget(m, space, mnist));
+    ASSERT_TRUE(in_space(m, space, mnist));
+    auto did = [&](const std::string& kind) { return contains(applied, kind); };
+    EXPECT_EQ(did("optimizer"), m.optimizer != g.optimizer);
+    EXPECT_EQ(did("learning_rate"), m.learning_rate != g.learning_rate);
+    EXPECT_EQ(static_cast<int>(m.layers.size()) - static_cast<int>(g.layers.size()),
+              int{did("add_layer")} - int{did("remove_layer")});
+    if (applied.size() == 1) {
+      EXPECT_NE(m, g) << applied[0];
+    }
+    for (const std::string& kind : applied) ++reported[kind];
+  }
+  for (const char* kind : {"add_layer", "remove_layer", "replace_layer", "size", "filters", "kernel"})
+    EXPECT_GT(reported[kind], 0) << kind;
+}
+
 // ---- search space ----------------------------------------------------------------------------
 
 TEST(SearchSpace, PresetsAndJsonRoundTrip) {
@@ -569,6 +753,13 @@ TEST(SearchSpace, PresetsAndJsonRoundTrip) {
   EXPECT_EQ(original.layer_types, (std::vector<LayerType>{LayerType::Dense, LayerType::Dropout}));
   for (const SearchSpace& s : {SearchSpace::preset("default"), original})
     EXPECT_EQ(SearchSpace::from_json(s.to_json()).to_json(), s.to_json());
+  EXPECT_NE(SearchSpace{}.to_json().find(R"("max_macs":20000000)"), std::string::npos);
+  EXPECT_NE(SearchSpace{}.to_json().find(R"("max_parameters":1000000)"), std::string::npos);
+  const SearchSpace budget = SearchSpace::from_json(R"({"max_parameters": 5000, "max_macs": 0})");
+  EXPECT_EQ(budget.max_parameters, 5000);
+  EXPECT_EQ(budget.max_macs, 0);
+  EXPECT_EQ(SearchSpace::from_json(budget.to_json()).to_json(), budget.to_json());
+  EXPECT_EQ(SearchSpace::from_json(R"({"max_macs": 7})").max_parameters, 1'000'000);  // missing: the default
   EXPECT_EQ(SearchSpace::from_json("{}").to_json(), SearchSpace{}.to_json());
   const SearchSpace custom = SearchSpace::from_json(
       R"({"layer_types": ["conv2d", "dense"], "filters": [4], "kernels": [3], "pool": 3, "min_size": 2,
@@ -611,6 +802,9 @@ TEST(SearchSpace, EveryValidationErrorNamesItsField) {
       {R"({"max_learning_rate": 11})", "space.max_learning_rate"},
       {R"({"min_learning_rate": 0.01, "max_learning_rate": 0.001})", "space.max_learning_rate"},
       {R"({"max_layers": "six"})", "space.max_layers"},
+      {R"({"max_parameters": -1})", "space.max_parameters"},
+      {R"({"max_macs": -20000000})", "space.max_macs"},
+      {R"({"max_macs": 1.5})", "space.max_macs"},
       {R"({"neurons": 5})", "space.neurons"},
       {R"([1, 2])", "space"},
       {"{not json", "space"},

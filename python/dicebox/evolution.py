@@ -168,8 +168,10 @@ class Evolution:
     def _new_individual(self, genome: str, parents: list[int]) -> dict[str, Any]:
         ident = self.state["next_id"]
         self.state["next_id"] += 1
+        # "epochs" is what the training ran (early stopping may end it sooner); "budget" is
+        # what it was asked for, which decides whether it is done.
         return {"id": ident, "genome": genome, "parents": parents, "fitness": None, "epochs": 0,
-                "seconds": 0.0, "cached": False}
+                "budget": 0, "seconds": 0.0, "cached": False}
 
     def _first_generation(self) -> None:
         seen: set[str] = set()
@@ -214,13 +216,14 @@ class Evolution:
         queued: set[str] = set()
         for ind in gen["individuals"]:
             target = self._target_epochs(ind, ind.get("promoted", False))
-            if ind["fitness"] is not None and ind["epochs"] >= target:
+            if ind["budget"] >= target:
                 continue
             if ind["genome"] in queued:
                 continue  # a twin is being trained: its score arrives as a cache hit
             known = scores.get(ind["genome"])
-            if known is not None and known["epochs"] >= target:
-                ind.update(fitness=known["fitness"], epochs=known["epochs"], seconds=0.0, cached=True)
+            if known is not None and known["budget"] >= target:
+                ind.update(fitness=known["fitness"], epochs=known["epochs"], budget=known["budget"], seconds=0.0,
+                           cached=True)
                 self.state["cache_hits"] += 1
                 continue
             todo.append((ind, target))
@@ -233,13 +236,15 @@ class Evolution:
             return self.tasks()
         return todo
 
-    def record(self, ident: int, fitness: float, epochs: int, seconds: float) -> dict[str, Any]:
-        """Stores the score of individual ``ident`` (validation accuracy after ``epochs``)."""
+    def record(self, ident: int, fitness: float | None, epochs: int, seconds: float, budget: int) -> dict[str, Any]:
+        """Stores the score of individual ``ident``: its validation accuracy after training
+        that was asked for ``budget`` epochs and ran ``epochs`` (fewer if it stopped early)."""
         ind = next(i for i in self.generation["individuals"] if i["id"] == ident)
         value = None if fitness is None or not math.isfinite(fitness) else float(fitness)
-        ind.update(fitness=value, epochs=int(epochs), seconds=float(seconds), cached=False)
+        ind.update(fitness=value, epochs=int(epochs), budget=int(budget), seconds=float(seconds), cached=False)
         self.state["trained"] += 1
-        self.state["scores"][ind["genome"]] = {"fitness": value, "epochs": int(epochs), "id": ident}
+        self.state["scores"][ind["genome"]] = {"fitness": value, "epochs": int(epochs), "budget": int(budget),
+                                               "id": ident}
         return ind
 
     # -- reports -----------------------------------------------------------------------------
@@ -248,12 +253,13 @@ class Evolution:
         best: dict[str, dict[str, Any]] = {}
         for gen in self.state["generations"]:
             for ind in gen["individuals"]:
-                if ind["fitness"] is None and ind["epochs"] == 0:
+                if ind["budget"] == 0:
                     continue
                 entry = {"id": ind["id"], "generation": gen["generation"], "genome": json.loads(ind["genome"]),
-                         "fitness": ind["fitness"], "epochs": ind["epochs"], "parents": ind["parents"]}
+                         "fitness": ind["fitness"], "epochs": ind["epochs"], "budget": ind["budget"],
+                         "parents": ind["parents"]}
                 current = best.get(ind["genome"])
-                if current is None or (entry["epochs"] > current["epochs"]):
+                if current is None or entry["budget"] > current["budget"]:
                     best[ind["genome"]] = entry
         return sorted(best.values(), key=lambda e: (-_rank_value(e), e["id"]))
 

@@ -45,10 +45,12 @@ class EvolutionResult:
     test_metrics: dict[str, Any] | None = field(default=None)
 
 
-def default_workers(threads: int) -> int:
-    """Individuals trained at once: one per thread. Small networks use one core far better
-    than two (see docs/benchmarks.md: two individuals at one thread each against one at two)."""
-    return max(1, threads)
+def default_workers() -> int:
+    """Individuals trained at once by default: one, with every thread. Measured on 2 cores
+    (bench/workers.py, docs/benchmarks.md): two at once with one thread each is no faster
+    over many genomes (1.02-1.03x) and slower when a generation has a few large networks
+    (0.80x), since the generation then waits for its straggler."""
+    return 1
 
 
 def _fitness_of(model: Model) -> float | None:
@@ -98,7 +100,8 @@ def evolve(
     and scored by validation accuracy; a genome already scored is never trained again.
     Generations are bred as in the original algorithm (keep the best ``retain`` share, keep
     others with ``random_select``, fill with mutated children of distinct parents).
-    ``workers`` individuals train at once (default: one per thread, each on one thread).
+    ``workers`` individuals train at once, sharing ``threads`` (default: one at a time with
+    every thread, the faster choice on a 2-core machine).
     ``time_budget`` (seconds) stops cleanly with the best so far; ``schedule="halving"``
     trains everyone for a third of the epochs and only the best third for all of them.
     ``callback`` gets one dict per scored individual (generation, id, parents, genome,
@@ -124,7 +127,7 @@ def evolve(
     params.validate()
     space = SearchSpace.coerce(space)
     threads = int(threads) if threads is not None else training.default_threads()
-    workers = int(workers) if workers is not None else default_workers(threads)
+    workers = int(workers) if workers is not None else default_workers()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     per_worker = max(1, threads // workers)
@@ -180,9 +183,9 @@ def evolve(
         sequence whatever order parallel trainings finish in); False if told to stop."""
         keep_going = True
         for ind in evo.generation["individuals"]:
-            if ind["fitness"] is None and ind["epochs"] == 0:
+            if ind["budget"] == 0:
                 break  # not scored yet: later ones wait for it
-            key = (ind["id"], ind["epochs"])
+            key = (ind["id"], ind["budget"])
             if key in emitted:
                 continue
             emitted.add(key)
@@ -216,7 +219,7 @@ def evolve(
                     break
                 save_state()
                 continue
-            running: dict[Future, tuple[dict[str, Any], _core.CancelToken]] = {}
+            running: dict[Future, tuple[dict[str, Any], int, _core.CancelToken]] = {}
             queue = list(todo)
             while queue or running:
                 while queue and len(running) < workers and stopped == "completed":
@@ -226,12 +229,12 @@ def evolve(
                     ind, target = queue.pop(0)
                     token = _core.CancelToken()
                     tokens.add(token)
-                    running[pool.submit(train_one, ind["genome"], target, token)] = (ind, token)
+                    running[pool.submit(train_one, ind["genome"], target, token)] = (ind, target, token)
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    ind, token = running.pop(future)
+                    ind, target, token = running.pop(future)
                     tokens.discard(token)
                     try:
                         model, seconds = future.result()
@@ -240,13 +243,13 @@ def evolve(
                             continue
                         stopped = "time_budget"
                         continue
-                    evo.record(ind["id"], _fitness_of(model), len(model.history), seconds)
+                    evo.record(ind["id"], _fitness_of(model), len(model.history), seconds, target)
                     consider(ind, model)
                     save_state()
                     if stopped == "completed" and not flush():
                         stopped = "callback"
                 if stopped != "completed":
-                    for _, token in running.values():
+                    for _, _, token in running.values():
                         token.cancel()
             if cancel is not None and cancel.cancelled:
                 raise _core.Cancelled("evolution was cancelled")
@@ -263,7 +266,7 @@ def evolve(
         genome_json = Genome.from_dict(top["genome"]).to_json()
         model = best["model"] if best["id"] == top["id"] else None
         if model is None:  # resumed run: the genome's finished checkpoint gives it back at once
-            model, _ = train_one(genome_json, top["epochs"], _core.CancelToken())
+            model, _ = train_one(genome_json, top["budget"], _core.CancelToken())
         result.best, result.best_genome, result.best_fitness = model, Genome(genome_json), top["fitness"]
         meta = {**model.metadata, "fitness": top["fitness"], "individual": top["id"]}
         model.metadata = meta

@@ -27,6 +27,7 @@ struct GenomeLimits {
   static constexpr int64_t max_filters = 4096;   // conv filters
   static constexpr int64_t max_kernel = 64;      // kernel and stride, each side
   static constexpr double max_learning_rate = 10.0;
+  static constexpr int64_t max_feature_values = int64_t{1} << 26;  // per image, after any layer
 };
 
 struct Layer {
