@@ -54,6 +54,19 @@ def test_unknown_space_field_is_refused():
         dicebox.SearchSpace.preset("huge")
 
 
+def test_default_space_keeps_networks_within_its_compute_budget():
+    space = dicebox.SearchSpace()
+    for seed in range(40):
+        cost = dicebox.Genome.random(space, seed=seed, input_shape=(1, 28, 28), classes=10).cost((1, 28, 28), 10)
+        assert cost["parameters"] <= space.max_parameters and cost["macs"] <= space.max_macs
+    cnn = dicebox.Genome.from_dict({"optimizer": "adam", "layers": [
+        {"type": "conv2d", "filters": 32, "kernel": 3}, {"type": "maxpool2d", "kernel": 2},
+        {"type": "conv2d", "filters": 64, "kernel": 3}, {"type": "maxpool2d", "kernel": 2},
+        {"type": "dense", "size": 128}]})
+    assert cnn.cost((1, 28, 28), 10) == {"parameters": 421_642, "macs": 4_241_152}
+    assert dicebox.SearchSpace.preset("original").max_parameters == 0  # unbounded
+
+
 def test_random_genomes_are_valid_and_seeded():
     space = dicebox.SearchSpace()
     genomes = [dicebox.Genome.random(space, seed=s, input_shape=(1, 12, 12), classes=3) for s in range(60)]

@@ -150,6 +150,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("space_preset", [](const std::string& name) { return SearchSpace::preset(name).to_json(); });
   m.def("canonical_space", [](const std::string& text) { return SearchSpace::from_json(text).to_json(); });
   m.def(
+      "network_cost",
+      [](const std::string& genome, ShapeTuple shape, int64_t classes) {
+        NetworkCost c = network_cost(Genome::from_json(genome), to_shape(shape), classes);
+        return py::make_tuple(c.parameters, c.macs);
+      },
+      py::arg("genome"), py::arg("shape"), py::arg("classes"));
+  m.def(
       "random_genome",
       [](const std::string& space, ShapeTuple shape, int64_t classes, uint64_t seed) {
         return random_genome(SearchSpace::from_json(space), to_shape(shape), classes, seed).to_json();

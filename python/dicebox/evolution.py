@@ -28,7 +28,8 @@ def derive_seed(*keys: int) -> int:
 @dataclass
 class SearchSpace:
     """The taxonomy evolution draws genomes from. Dense sizes and learning rates are drawn
-    log-uniformly between their bounds; the default is sized for a 2-core CPU, and
+    log-uniformly between their bounds; the default is sized for a 2-core CPU (at most 1M
+    parameters and 20M multiply-accumulates per image), and
     ``SearchSpace.preset("original")`` is the first dicebox's (dense layers of 1-1597
     neurons, 1-21 layers, every activation and optimizer)."""
 
@@ -46,6 +47,10 @@ class SearchSpace:
     optimizers: list[str] = field(default_factory=lambda: list(_DEFAULT_SPACE["optimizers"]))
     min_learning_rate: float = _DEFAULT_SPACE["min_learning_rate"]
     max_learning_rate: float = _DEFAULT_SPACE["max_learning_rate"]
+    # Compute budget per network (0 = unbounded): genomes over it are shrunk when drawn or bred,
+    # so one oversized network cannot eat a run's time.
+    max_parameters: int = _DEFAULT_SPACE["max_parameters"]
+    max_macs: int = _DEFAULT_SPACE["max_macs"]  # multiply-accumulates per image, forward pass
 
     def __post_init__(self) -> None:
         self.to_json()  # validates: a ValueError names the field

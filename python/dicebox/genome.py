@@ -81,6 +81,12 @@ class Genome:
         layer whose kernel does not fit the feature map that reaches it."""
         return json.loads(_core.plan_network(self._json, tuple(shape), int(classes)))
 
+    def cost(self, shape: tuple[int, int, int], classes: int) -> dict[str, int]:
+        """Parameters and multiply-accumulates per image (forward pass) of the network this
+        genome builds for images of ``shape`` (C, H, W) and ``classes`` outputs."""
+        parameters, macs = _core.network_cost(self._json, tuple(shape), int(classes))
+        return {"parameters": parameters, "macs": macs}
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Genome) and other._json == self._json
 
