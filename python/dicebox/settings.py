@@ -1,0 +1,101 @@
+"""The one settings object of the service side (server, processors, CLI).
+
+Read once from the environment (``DICEBOX_*``, and the original dicebox names where they
+exist), overridden by command-line flags (``Settings(**flags)``), validated, then passed
+down. Nothing else in dicebox reads these variables on its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost names and loopback addresses (127.0.0.0/8, ::1)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Configuration. Environment names are listed with each field; flags win."""
+
+    # Case-sensitive, so the lower-case field names (the flags) never pick up HOME or PORT.
+    model_config = SettingsConfigDict(extra="forbid", populate_by_name=True, validate_default=True,
+                                      case_sensitive=True)
+
+    home: Path = Field(default=Path("~/.dicebox"), validation_alias=AliasChoices("home", "DICEBOX_HOME"))
+    database_url: str = Field(default="", validation_alias=AliasChoices("database_url", "DICEBOX_DATABASE_URL"))
+    broker_url: str = Field(default="", validation_alias=AliasChoices("broker_url", "DICEBOX_BROKER_URL"))
+    api_key: SecretStr | None = Field(default=None,
+                                      validation_alias=AliasChoices("api_key", "DICEBOX_API_KEY", "API_ACCESS_KEY"))
+    server_url: str = Field(default="http://127.0.0.1:8000",
+                            validation_alias=AliasChoices("server_url", "DICEBOX_SERVER_URL", "SENSORY_SERVER"))
+    threads: int | None = Field(default=None, ge=1, le=1024,
+                                validation_alias=AliasChoices("threads", "DICEBOX_THREADS"))
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto",
+                                                   validation_alias=AliasChoices("device", "DICEBOX_DEVICE"))
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    # The original processors' names: a RabbitMQ host with its user and password, warm
+    # starts from the best weights, and the weights file name of exported models.
+    rabbitmq_server: str = Field(default="", validation_alias=AliasChoices(
+        "rabbitmq_server", "TRAINING_PROCESSOR_SERVICE_RABBITMQ_SERVER"))
+    rabbitmq_username: str = Field(default="guest", validation_alias=AliasChoices(
+        "rabbitmq_username", "TRAINING_PROCESSOR_SERVICE_RABBITMQ_USERNAME"))
+    rabbitmq_password: SecretStr = Field(default=SecretStr("guest"), validation_alias=AliasChoices(
+        "rabbitmq_password", "TRAINING_PROCESSOR_SERVICE_RABBITMQ_PASSWORD"))
+    load_best_weights_on_start: bool = Field(default=False, validation_alias=AliasChoices(
+        "load_best_weights_on_start", "LOAD_BEST_WEIGHTS_ON_START"))
+    model_weights_filename: str = Field(default="weights.safetensors", validation_alias=AliasChoices(
+        "model_weights_filename", "MODEL_WEIGHTS_FILENAME"))
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("database_url", "broker_url", "server_url", "rabbitmq_server")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @field_validator("model_weights_filename")
+    @classmethod
+    def _plain_file_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value in {".", ".."}:
+            raise ValueError(f"must be a plain file name, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'dicebox.db'}"
+        if not self.broker_url and self.rabbitmq_server:
+            user = quote(self.rabbitmq_username, safe="")
+            password = quote(self.rabbitmq_password.get_secret_value(), safe="")
+            self.broker_url = f"amqp://{user}:{password}@{self.rabbitmq_server}:5672/%2F"
+        if self.broker_url and not self.broker_url.startswith(("amqp://", "amqps://")):
+            raise ValueError("broker_url: expected an amqp:// or amqps:// URL, or nothing for the embedded queue")
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            self.api_key = None
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(f"host: {self.host} is not a loopback address; set DICEBOX_API_KEY (or "
+                             "API_ACCESS_KEY) before serving beyond this machine")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when jobs go through the embedded queue (no broker configured)."""
+        return not self.broker_url
