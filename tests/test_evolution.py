@@ -77,17 +77,23 @@ def test_random_genomes_are_valid_and_seeded():
     assert len(set(genomes)) > 50
 
 
-def _run_machine(params, space, fitness_of):
-    """Drives the state machine with a synthetic fitness (no training)."""
-    evo = Evolution(params, space, (1, 8, 8), 3)
+def _drive(evo, score):
+    """Runs the state machine to the end; ``score(ind, budget)`` records each training."""
     while True:
         todo = evo.tasks()
         if not todo:
             if not evo.advance():
                 return evo
             continue
-        for ind, epochs in todo:
-            evo.record(ind["id"], fitness_of(json.loads(ind["genome"])), epochs, 0.0, epochs)
+        for ind, budget in todo:
+            score(ind, budget)
+
+
+def _run_machine(params, space, fitness_of):
+    """Drives the state machine with a synthetic fitness (no training)."""
+    evo = Evolution(params, space, (1, 8, 8), 3)
+    return _drive(evo, lambda ind, budget: evo.record(ind["id"], fitness_of(json.loads(ind["genome"])), budget,
+                                                      0.0, budget))
 
 
 def _layer_count_fitness(genome):
@@ -128,14 +134,8 @@ def test_state_machine_is_deterministic_and_resumable_from_its_dict():
     for ind, epochs in todo[:3]:
         evo.record(ind["id"], _layer_count_fitness(json.loads(ind["genome"])), epochs, 0.0, epochs)
     restored = Evolution.from_dict(json.loads(json.dumps(evo.to_dict())), params, space, (1, 8, 8), 3)
-    while True:
-        todo = restored.tasks()
-        if not todo:
-            if not restored.advance():
-                break
-            continue
-        for ind, epochs in todo:
-            restored.record(ind["id"], _layer_count_fitness(json.loads(ind["genome"])), epochs, 0.0, epochs)
+    _drive(restored, lambda ind, budget: restored.record(
+        ind["id"], _layer_count_fitness(json.loads(ind["genome"])), budget, 0.0, budget))
     assert restored.leaderboard() == a.leaderboard()
     other = EvolutionParams(population=6, generations=4, seed=8)
     with pytest.raises(ValueError, match="another evolution run"):
@@ -147,17 +147,14 @@ def test_an_early_stopped_individual_is_done():
     trained again nor asked for more."""
     params = EvolutionParams(population=4, generations=3, epochs=6, seed=0)
     evo = Evolution(params, dicebox.SearchSpace(**SMALL), (1, 8, 8), 3)
-    trainings = 0
-    while True:
-        todo = evo.tasks()
-        if not todo:
-            if not evo.advance():
-                break
-            continue
-        for ind, budget in todo:
-            trainings += 1
-            evo.record(ind["id"], 0.5 + ind["id"] / 100, 2, 0.0, budget)  # stopped after 2 of 6 epochs
-    assert trainings == evo.state["trained"] <= 12
+    trainings = []
+
+    def stop_after_two_epochs(ind, budget):
+        trainings.append(ind["id"])
+        evo.record(ind["id"], 0.5 + ind["id"] / 100, 2, 0.0, budget)
+
+    _drive(evo, stop_after_two_epochs)
+    assert len(trainings) == evo.state["trained"] <= 12
 
 
 def test_halving_gives_full_epochs_to_the_best_third_only():
