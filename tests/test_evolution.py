@@ -220,6 +220,17 @@ def test_callback_can_stop_and_budget_returns_best_so_far(data):
     assert len(budget.generations) < 5000
 
 
+def test_checkpoint_of_another_run_is_refused(data, tmp_path):
+    train, val, _ = data
+    kwargs = dict(space=dicebox.SearchSpace(**SMALL), population=3, generations=1, epochs=1, threads=1,
+                  checkpoint_dir=tmp_path)
+    dicebox.evolve(train, val, **kwargs)
+    with pytest.raises(ValueError, match="patience"):
+        dicebox.evolve(train, val, patience=1, **kwargs)
+    with pytest.raises(ValueError, match="another evolution run"):
+        dicebox.evolve(train, val, seed=9, **kwargs)
+
+
 def test_cancel_from_another_thread(data):
     train, val, _ = data
     token = dicebox.CancelToken()

@@ -141,11 +141,16 @@ def evolve(
         workdir = Path(checkpoint_dir)
         workdir.mkdir(parents=True, exist_ok=True)
     state_path = workdir / STATE_FILE
+    # What shapes each training but is not part of the evolution's own fingerprint.
+    training_fingerprint = {"patience": patience, "batch_size": batch_size, "augment": augment}
     if state_path.exists():
-        evo = Evolution.from_dict(json.loads(state_path.read_text()), params, space, train_set.shape, classes)
+        saved = json.loads(state_path.read_text())
+        if saved.get("training") != training_fingerprint:
+            raise ValueError("checkpoint_dir: it holds an evolution run trained with other patience, batch_size "
+                             "or augment; use a new directory")
+        evo = Evolution.from_dict(saved, params, space, train_set.shape, classes)
     else:
         evo = Evolution(params, space, train_set.shape, classes)
-    training_fingerprint = {"patience": patience, "batch_size": batch_size, "augment": augment}
 
     def save_state() -> None:
         if checkpoint_dir is not None:
