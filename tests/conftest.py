@@ -1,11 +1,75 @@
-"""Shared fixtures: small synthetic datasets that need no download."""
+"""Shared fixtures: small synthetic datasets that need no download, and fresh databases
+(SQLite and PostgreSQL) for the stores."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Callable
+
 import numpy as np
 import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 
 import dicebox
+from dicebox.db import make_engine
+
+PG_URL = os.environ.get("DICEBOX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_schema(request: pytest.FixtureRequest) -> str:
+    """A new schema in the test PostgreSQL, dropped after the test. Unreachable -> skipped
+    locally, failed when CI=true (the store tests must run against both backends in CI)."""
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        admin.dispose()
+        message = f"PostgreSQL unreachable at {PG_URL}: {exc.orig}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+    request.addfinalizer(drop)
+    return schema
+
+
+def engine_factory(kind: str, request: pytest.FixtureRequest, tmp_path) -> Callable[[], Engine]:
+    """``new_engine()`` opening engines on one fresh database of ``kind`` ("sqlite": a file in
+    ``tmp_path``; "postgresql": a new schema), each call another engine on the same database,
+    as a second process would have. Engines are disposed after the test."""
+    engines: list[Engine] = []
+    if kind == "sqlite":
+        url, options = f"sqlite:///{tmp_path / 'dicebox.db'}", {}
+    else:
+        url, options = PG_URL, {"connect_args": {"options": f"-csearch_path={_postgres_schema(request)}"}}
+
+    def new_engine() -> Engine:
+        engines.append(make_engine(url, **options))
+        return engines[-1]
+
+    def dispose() -> None:
+        for engine in engines:
+            engine.dispose()
+
+    request.addfinalizer(dispose)  # runs before the schema is dropped (last in, first out)
+    return new_engine
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_engine(request, tmp_path) -> Callable[[], Engine]:
+    """:func:`engine_factory` on SQLite and on PostgreSQL."""
+    return engine_factory(request.param, request, tmp_path)
 
 
 def bands(count: int, seed: int, size: int = 8) -> dicebox.Dataset:

@@ -1,77 +1,27 @@
 """The embedded job queue (dicebox.jobqueue) on SQLite (a file) and PostgreSQL.
 
-PostgreSQL: DICEBOX_TEST_POSTGRES_URL or postgresql+psycopg://postgres@127.0.0.1:5432/test; each
-test gets a fresh schema. Unreachable -> skipped locally, failed when CI=true.
+PostgreSQL: DICEBOX_TEST_POSTGRES_URL (see conftest.new_engine); each test gets a fresh schema.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from datetime import datetime
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 
 from dicebox.jobqueue import JobQueue
 
-PG_URL = os.environ.get("DICEBOX_TEST_POSTGRES_URL",
-                        "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 LEASE = 0.2  # seconds; tests that need expiry sleep past it
 
 
-def _postgres_engine():
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT",
-                          connect_args={"connect_timeout": 3})
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except OperationalError as exc:
-        admin.dispose()
-        message = f"PostgreSQL unreachable at {PG_URL}: {exc.orig}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = f"jq_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    return admin, engine, schema
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request, tmp_path):
+@pytest.fixture
+def backend(new_engine):
     """(queue, make_queue) where make_queue() opens a second JobQueue on a new engine."""
-    engines = []
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-
-        def new_engine():
-            engines.append(create_engine(url))
-            return engines[-1]
-        admin = schema = None
-    else:
-        admin, first, schema = _postgres_engine()
-        engines.append(first)
-
-        def new_engine():
-            engines.append(create_engine(
-                PG_URL, connect_args={"options": f"-csearch_path={schema}"}))
-            return engines[-1]
-
-    first_engine = engines[0] if engines else new_engine()
-    queue = JobQueue(first_engine)
+    queue = JobQueue(new_engine())
     queue.create_schema()
-    yield queue, lambda: JobQueue(new_engine())
-    for engine in engines:
-        engine.dispose()
-    if admin is not None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    return queue, lambda: JobQueue(new_engine())
 
 
 @pytest.fixture
@@ -338,3 +288,96 @@ def test_second_queue_sees_the_same_jobs(backend):
     assert other.depth() == {0: 1}
     assert other.complete(job["id"], "w", {"ok": True}) is True
     assert queue.get(job["id"])["status"] == "succeeded"
+
+
+# -- events, owner state, kinds, counts --------------------------------------------------------
+
+def test_status_changes_are_recorded_as_events_in_order(queue):
+    job = queue.submit("train", {})
+    queue.claim("w", 30)
+    assert queue.report(job["id"], "w", "epoch", {"epoch": 1, "loss": 0.5}, progress=0.5) is True
+    assert queue.report(job["id"], "other", "epoch", {"epoch": 2}) is False
+    queue.fail(job["id"], "w", "boom")              # retried: back to queued
+    queue.claim("w2", 30)
+    queue.complete(job["id"], "w2", {"ok": True})
+    events = queue.events(job["id"])
+    assert [(e["type"], e["data"].get("status")) for e in events] == [
+        ("status", "queued"), ("status", "running"), ("epoch", None), ("status", "queued"),
+        ("status", "running"), ("status", "succeeded")]
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    assert events[2]["data"] == {"epoch": 1, "loss": 0.5}
+    assert events[3]["data"]["error"] == "boom" and events[4]["data"]["attempts"] == 2
+    assert queue.events(job["id"], after=events[3]["seq"]) == events[4:]
+    assert queue.events(job["id"], after=events[-1]["seq"]) == []
+    with pytest.raises(KeyError):
+        queue.events("nope")
+    with pytest.raises(ValueError, match="type"):
+        queue.report(job["id"], "w2", "", {})
+
+
+def test_cancel_events_and_no_duplicate_cancel_request(queue):
+    job = queue.submit("train", {})
+    queue.claim("w", 30)
+    queue.cancel(job["id"])
+    queue.cancel(job["id"])
+    queue.acknowledge_cancel(job["id"], "w")
+    types = [(e["type"], e["data"].get("status")) for e in queue.events(job["id"])]
+    assert types == [("status", "queued"), ("status", "running"), ("cancel_requested", None),
+                     ("status", "canceled")]
+
+
+def test_claim_by_kind(queue):
+    evolve = queue.submit("evolve", {}, priority=50)
+    train = queue.submit("train", {})
+    assert queue.claim("p", 30, kinds=("train",))["id"] == train["id"]
+    assert queue.claim("p", 30, kinds=("train",)) is None
+    assert queue.claim("c", 30, kinds=("evolve",))["id"] == evolve["id"]
+    for bad in ((), ("nope",)):
+        with pytest.raises(ValueError, match="kinds"):
+            queue.claim("p", 30, kinds=bad)
+
+
+def test_owner_state_survives_and_only_the_owner_writes_it(queue):
+    job = queue.submit("evolve", {})
+    queue.claim("c1", 30)
+    assert queue.save_state(job["id"], "c1", {"generation": 2}, progress=0.25) is True
+    assert queue.save_state(job["id"], "c2", {"generation": 9}) is False
+    stored = queue.get(job["id"])
+    assert stored["state"] == {"generation": 2} and stored["progress"] == 0.25
+    with pytest.raises(ValueError, match="state"):
+        queue.save_state(job["id"], "c1", {"x": float("nan")})
+    assert queue.get(job["id"])["state"] == {"generation": 2}
+
+
+def test_counts_find_by_key_children_and_list_by_parent(queue):
+    parent = queue.submit("evolve", {}, idempotency_key="p")
+    kids = [queue.submit("train", {"i": i}, parent_id=parent["id"]) for i in range(3)]
+    queue.cancel(kids[0]["id"])
+    assert queue.counts() == {"queued": 3, "running": 0, "succeeded": 0, "failed": 0, "canceled": 1}
+    assert queue.find_by_key("p")["id"] == parent["id"]
+    assert queue.find_by_key("q") is None
+    assert [k["id"] for k in queue.children(parent["id"])] == [k["id"] for k in kids]
+    listed = queue.list(parent_id=parent["id"])["items"]
+    assert sorted(j["id"] for j in listed) == sorted(k["id"] for k in kids)
+
+
+def test_cancel_reaches_children_also_without_an_owner(queue):
+    parent = queue.submit("evolve", {})
+    queued_child = queue.submit("train", {}, parent_id=parent["id"])
+    running_child = queue.submit("train", {}, parent_id=parent["id"])
+    queue.claim("coord", 30, kinds=("evolve",))
+    queue.claim("p", 30, kinds=("train",))  # takes queued_child (oldest)
+    queue.cancel(parent["id"])
+    assert queue.get(queued_child["id"])["cancel_requested"] is True
+    assert queue.get(running_child["id"])["status"] == "canceled"
+    assert queue.renew(queued_child["id"], "p", 30) is False
+
+
+def test_parent_ended_by_lease_expiry_cancels_its_children(queue):
+    parent = queue.submit("evolve", {}, max_attempts=1)
+    child = queue.submit("train", {}, parent_id=parent["id"])
+    queue.claim("coord", LEASE, kinds=("evolve",))
+    time.sleep(LEASE * 2)
+    assert queue.claim("p", 30, kinds=("evolve",)) is None  # ends the dead parent
+    assert queue.get(parent["id"])["status"] == "failed"
+    assert queue.get(child["id"])["status"] == "canceled"

@@ -48,9 +48,12 @@ std::string errno_text() { return std::strerror(errno); }
 }  // namespace
 
 void write_file_atomic(const std::string& path, const void* data, size_t size) {
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  // A unique temporary name: two writers of the same path (two processes exporting one
+  // dataset, say) must never write into one temporary file and rename a mix into place.
+  std::string tmp = path + ".XXXXXX.tmp";
+  int fd = ::mkostemps(tmp.data(), 4, O_CLOEXEC);
   if (fd < 0) throw IoError("cannot write " + path + ": " + errno_text());
+  ::fchmod(fd, 0644);
   const auto* p = static_cast<const char*>(data);
   size_t left = size;
   while (left > 0) {

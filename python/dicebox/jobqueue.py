@@ -11,7 +11,7 @@ Statuses: ``queued``, ``running``, ``succeeded``, ``failed``, ``canceled``.
 
 Storage is SQLite by default (a file) or PostgreSQL (``postgresql+psycopg://...``); the same
 code runs on both. The only dialect-specific part is how ``claim`` is made safe under
-concurrent claimers (see ``JobQueue._write``/``JobQueue.claim``).
+concurrent claimers (see ``dicebox.db.Transactions`` and ``JobQueue.claim``).
 
 Every public method runs in its own short transaction and returns plain dicts (times as ISO 8601
 strings in UTC); unknown ids raise ``KeyError``, bad arguments raise ``ValueError`` naming the
@@ -26,16 +26,13 @@ import binascii
 import json
 import math
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
     CheckConstraint,
-    DateTime,
     Engine,
     Float,
     Index,
@@ -48,52 +45,18 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
-__all__ = ["KINDS", "STATUSES", "Job", "JobQueue"]
+from dicebox.db import Base, Transactions, UTCDateTime, iso, migrate
+from dicebox.db import now as _now
+
+__all__ = ["KINDS", "STATUSES", "Job", "JobEvent", "JobQueue"]
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 FINISHED = ("succeeded", "failed", "canceled")
 KINDS = frozenset({"train", "evolve"})
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 MAX_LIST_LIMIT = 1000
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class UTCDateTime(TypeDecorator):
-    """A timezone-aware UTC datetime on every backend.
-
-    PostgreSQL has ``timestamptz``; SQLite has no datetime type at all, and SQLAlchemy stores a
-    naive string there. Normalising to naive UTC on the way in and re-attaching UTC on the way
-    out gives aware datetimes everywhere, and keeps SQLite's string comparisons (lease expiry,
-    pagination cursors) correct because every stored value has the same format and zone.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: Optional[datetime], dialect) -> Optional[datetime]:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetimes are not accepted; use timezone-aware UTC")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: Optional[datetime], dialect) -> Optional[datetime]:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class Job(Base):
@@ -118,22 +81,22 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    result: Mapped[Optional[Any]] = mapped_column(JSON, nullable=True)
-    idempotency_key: Mapped[Optional[str]] = mapped_column(String(255), unique=True,
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[Any | None] = mapped_column(JSON, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True,
                                                            nullable=True)
-    parent_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True, index=True)
-    lease_owner: Mapped[Optional[str]] = mapped_column(String(255), nullable=True)
-    lease_expires_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
-    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Working state its owner keeps between steps (an evolve job's generations), saved with
+    # save_state so a new owner carries on where the last one stopped.
+    state: Mapped[Any | None] = mapped_column(JSON, nullable=True)
 
     def to_dict(self) -> dict[str, Any]:
-        def iso(t: Optional[datetime]) -> Optional[str]:
-            return None if t is None else t.isoformat()
-
         return {
             "id": self.id,
             "kind": self.kind,
@@ -153,7 +116,28 @@ class Job(Base):
             "created_at": iso(self.created_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
+            "state": self.state,
         }
+
+
+class JobEvent(Base):
+    """What happened to a job, in order: status changes (written by the queue in the same
+    transaction as the change) and whatever its owner reports (epochs, individuals). The
+    events stream of the REST API replays these rows, so a client that connects late sees
+    everything."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id", "job_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[Any] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "job_id": self.job_id, "type": self.type, "data": self.data,
+                "created_at": iso(self.created_at)}
 
 
 # The claim query filters on status and orders by priority desc, created_at: this index lets it
@@ -184,6 +168,13 @@ def _check_lease(lease_seconds: Any) -> float:
     return float(lease_seconds)
 
 
+def _check_progress(value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0.0 <= value <= 1.0):
+        raise ValueError(f"value (progress) must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
 def _check_json(name: str, value: Any) -> Any:
     try:
         json.dumps(value, allow_nan=False)
@@ -197,51 +188,22 @@ class JobQueue:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.dialect = engine.dialect.name
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise ValueError(f"engine: unsupported dialect {self.dialect!r}"
-                             " (sqlite or postgresql)")
-        # expire_on_commit=False: the objects are turned into dicts after commit, without
-        # another round trip to reload them.
-        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._tx = Transactions(engine)  # ValueError for a backend other than SQLite/PostgreSQL
+        self.dialect = self._tx.dialect
+        # Short transactions (see dicebox.db.Transactions for how SQLite's are serialised).
+        self._read, self._write, self._lock = self._tx.read, self._tx.write, self._tx.lock
 
     def create_schema(self) -> None:
-        """Create the ``jobs`` table and its indexes if they do not exist."""
-        Base.metadata.create_all(self.engine)
+        """Create or upgrade the service's tables (Alembic migrations, see dicebox.db)."""
+        migrate(self.engine)
 
-    # -- transactions -------------------------------------------------------------------------
+    @staticmethod
+    def _event(session: Session, job: Job, type_: str, data: dict) -> None:
+        session.add(JobEvent(job_id=job.id, type=type_, data=data, created_at=_now()))
 
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._sessions() as session, session.begin():
-            yield session
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        """A short read-modify-write transaction.
-
-        On SQLite the transaction starts with ``BEGIN IMMEDIATE``, which takes the database's
-        single write lock up front (waiting out the busy timeout if someone else holds it). The
-        default deferred ``BEGIN`` would first read under a shared lock and then try to upgrade
-        it, and two transactions doing that at once either both read the same queued job or
-        fail with "database is locked" instead of waiting. SQLite has no row locks, so
-        serialising writers is the way to make ``claim`` (and every other check-then-update)
-        atomic. On PostgreSQL a normal READ COMMITTED transaction is used; ``claim`` takes row
-        locks with ``FOR UPDATE SKIP LOCKED``.
-        """
-        with self._sessions() as session, session.begin():
-            if self.dialect == "sqlite":
-                connection = session.connection()
-                raw = connection.connection.driver_connection
-                # The stdlib driver begins transactions lazily (before the first DML), so
-                # nothing is open yet; skip if an engine-level recipe has already begun one.
-                if not getattr(raw, "in_transaction", False):
-                    connection.exec_driver_sql("BEGIN IMMEDIATE")
-            yield session
-
-    def _lock(self, stmt):
-        # Row locks where the backend has them; SQLite is already serialised by _write.
-        return stmt.with_for_update() if self.dialect == "postgresql" else stmt
+    def _status_event(self, session: Session, job: Job, **extra: Any) -> None:
+        self._event(session, job, "status", {"status": job.status, "attempts": job.attempts,
+                                             "progress": job.progress, "error": job.error, **extra})
 
     def _job(self, session: Session, job_id: Any, lock: bool = False) -> Job:
         _check_str("job_id", job_id, 64)
@@ -251,7 +213,7 @@ class JobQueue:
             raise KeyError(job_id)
         return job
 
-    def _owned(self, session: Session, job_id: Any, owner: Any) -> Optional[Job]:
+    def _owned(self, session: Session, job_id: Any, owner: Any) -> Job | None:
         """The job if ``owner`` holds its lease, else None (KeyError if it does not exist).
 
         A lease that has expired but has not been taken over yet still counts: nobody else has
@@ -267,7 +229,7 @@ class JobQueue:
     # -- submission ---------------------------------------------------------------------------
 
     def submit(self, kind: str, payload: Any, priority: int = 0,
-               idempotency_key: Optional[str] = None, parent_id: Optional[str] = None,
+               idempotency_key: str | None = None, parent_id: str | None = None,
                max_attempts: int = 3) -> dict:
         """Queue a job; with an ``idempotency_key`` already used, return that job unchanged."""
         if kind not in KINDS:
@@ -294,6 +256,7 @@ class JobQueue:
                           cancel_requested=False, created_at=_now())
                 session.add(job)
                 session.flush()
+                self._status_event(session, job)
                 return job.to_dict()
         except IntegrityError:
             # Lost a race: on PostgreSQL two transactions can both see "no such key" and both
@@ -310,15 +273,19 @@ class JobQueue:
 
     # -- processing ---------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> Optional[dict]:
+    def claim(self, owner: str, lease_seconds: float,
+              kinds: tuple[str, ...] | None = None) -> dict | None:
         """Take the next job (highest priority, oldest first) under a lease, or None.
 
         Candidates are queued jobs and running jobs whose lease has expired (their processor
-        is presumed dead). Expired jobs that have used all their attempts are ended here
-        (``failed``, or ``canceled`` if a cancel was requested) instead of being handed out.
+        is presumed dead), of one of ``kinds`` (default: any). Expired jobs that have used all
+        their attempts are ended here (``failed``, or ``canceled`` if a cancel was requested)
+        instead of being handed out.
         """
         _check_str("owner", owner)
         lease = _check_lease(lease_seconds)
+        if kinds is not None and (not kinds or not set(kinds) <= KINDS):
+            raise ValueError(f"kinds must be a non-empty subset of {sorted(KINDS)}, got {kinds!r}")
         now = _now()
         expired = and_(Job.status == "running", Job.lease_expires_at < now)
         with self._write() as session:
@@ -336,10 +303,13 @@ class JobQueue:
                                  f" (last error: {job.error or 'none'})")
                 job.lease_owner = job.lease_expires_at = None
                 job.finished_at = now
+                self._status_event(session, job)
+                self._cancel_children(session, job.id)
 
             # 2. Take the head of the queue.
             stmt = (select(Job)
-                    .where(or_(Job.status == "queued", expired))
+                    .where(or_(Job.status == "queued", expired),
+                           Job.kind.in_(kinds) if kinds is not None else True)
                     .order_by(Job.priority.desc(), Job.created_at, Job.id)
                     .limit(1))
             if self.dialect == "postgresql":
@@ -358,6 +328,7 @@ class JobQueue:
             job.lease_expires_at = now + timedelta(seconds=lease)
             job.started_at = now
             job.finished_at = None
+            self._status_event(session, job, owner=owner)
             return job.to_dict()
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
@@ -373,9 +344,7 @@ class JobQueue:
 
     def progress(self, job_id: str, owner: str, value: float) -> bool:
         """Record progress in [0, 1]; False if ``owner`` no longer holds the lease."""
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not 0.0 <= value <= 1.0):
-            raise ValueError(f"value (progress) must be a number in [0, 1], got {value!r}")
+        _check_progress(value)
         with self._write() as session:
             job = self._owned(session, job_id, owner)
             if job is None:
@@ -398,6 +367,7 @@ class JobQueue:
             job.progress = 1.0
             job.finished_at = _now()
             job.lease_owner = job.lease_expires_at = None
+            self._status_event(session, job)
             return True
 
     def fail(self, job_id: str, owner: str, error: str, retry: bool = True) -> bool:
@@ -420,6 +390,7 @@ class JobQueue:
                 job.status, job.progress = "queued", 0.0
             else:
                 job.status, job.finished_at = "failed", _now()
+            self._status_event(session, job)
             return True
 
     def acknowledge_cancel(self, job_id: str, owner: str) -> bool:
@@ -431,6 +402,7 @@ class JobQueue:
                 return False
             job.status, job.finished_at = "canceled", _now()
             job.lease_owner = job.lease_expires_at = None
+            self._status_event(session, job)
             return True
 
     def cancel(self, job_id: str) -> dict:
@@ -441,9 +413,90 @@ class JobQueue:
             job = self._job(session, job_id, lock=True)
             if job.status == "queued":
                 job.status, job.finished_at = "canceled", _now()
-            elif job.status == "running":
+                self._status_event(session, job)
+            elif job.status == "running" and not job.cancel_requested:
                 job.cancel_requested = True
+                self._event(session, job, "cancel_requested", {})
+            # Children go with their parent (an evolve job's individuals), also when no owner
+            # is left to pass the cancel on.
+            if job.status in ("queued", "running", "canceled"):
+                self._cancel_children(session, job.id)
             return job.to_dict()
+
+    def _cancel_children(self, session: Session, parent_id: str) -> None:
+        """Cancel the unfinished children of ``parent_id``: queued ones at once, running ones
+        by request (their owners stop within one epoch)."""
+        children = session.scalars(self._lock(select(Job).where(
+            Job.parent_id == parent_id, Job.status.in_(("queued", "running"))))).all()
+        for child in children:
+            if child.status == "queued":
+                child.status, child.finished_at = "canceled", _now()
+                self._status_event(session, child)
+            elif not child.cancel_requested:
+                child.cancel_requested = True
+                self._event(session, child, "cancel_requested", {})
+
+    # -- what owners report -------------------------------------------------------------------
+
+    def report(self, job_id: str, owner: str, type: str, data: Any,
+               progress: float | None = None) -> bool:
+        """Append an event (``type``, JSON ``data``) from the lease owner, optionally with new
+        progress in [0, 1]; False if ``owner`` no longer holds the lease."""
+        _check_str("type", type, 32)
+        _check_json("data", data)
+        if progress is not None:
+            _check_progress(progress)
+        with self._write() as session:
+            job = self._owned(session, job_id, owner)
+            if job is None:
+                return False
+            if progress is not None:
+                job.progress = float(progress)
+            self._event(session, job, type, data if isinstance(data, dict) else {"value": data})
+            return True
+
+    def save_state(self, job_id: str, owner: str, state: Any,
+                   progress: float | None = None) -> bool:
+        """Store the owner's working state (JSON) and optionally progress; False if ``owner``
+        no longer holds the lease."""
+        _check_json("state", state)
+        if progress is not None:
+            _check_progress(progress)
+        with self._write() as session:
+            job = self._owned(session, job_id, owner)
+            if job is None:
+                return False
+            job.state = state
+            if progress is not None:
+                job.progress = float(progress)
+            return True
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[dict]:
+        """The job's events with ``seq`` > ``after``, oldest first (KeyError for an unknown job)."""
+        _check_int("after", after, 0, 2**62)
+        _check_int("limit", limit, 1, 10_000)
+        with self._read() as session:
+            self._job(session, job_id)
+            rows = session.scalars(select(JobEvent)
+                                   .where(JobEvent.job_id == job_id, JobEvent.seq > after)
+                                   .order_by(JobEvent.seq).limit(limit)).all()
+            return [row.to_dict() for row in rows]
+
+    def children(self, parent_id: str) -> list[dict]:
+        """Jobs submitted with ``parent_id``, oldest first."""
+        _check_str("parent_id", parent_id, 64)
+        with self._read() as session:
+            rows = session.scalars(select(Job).where(Job.parent_id == parent_id)
+                                   .order_by(Job.created_at, Job.id)).all()
+            return [row.to_dict() for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per status (every status present, zero when none)."""
+        with self._read() as session:
+            rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        out = {status: 0 for status in STATUSES}
+        out.update({status: int(count) for status, count in rows})
+        return out
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -451,8 +504,15 @@ class JobQueue:
         with self._read() as session:
             return self._job(session, job_id).to_dict()
 
-    def list(self, status: Optional[str] = None, limit: int = 50,
-             cursor: Optional[str] = None) -> dict:
+    def find_by_key(self, idempotency_key: str) -> dict | None:
+        """The job submitted with ``idempotency_key``, or None."""
+        _check_str("idempotency_key", idempotency_key)
+        with self._read() as session:
+            job = session.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one_or_none()
+            return None if job is None else job.to_dict()
+
+    def list(self, status: str | None = None, limit: int = 50,
+             cursor: str | None = None, parent_id: str | None = None) -> dict:
         """Jobs newest first (created_at, then id: a stable total order), ``limit`` at a time.
 
         Returns ``{"items": [...], "next": cursor or None}``. The cursor is opaque (keyset
@@ -464,6 +524,8 @@ class JobQueue:
         stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
         if status is not None:
             stmt = stmt.where(Job.status == status)
+        if parent_id is not None:
+            stmt = stmt.where(Job.parent_id == _check_str("parent_id", parent_id, 64))
         if cursor is not None:
             after_time, after_id = _decode_cursor(cursor)
             stmt = stmt.where(or_(Job.created_at < after_time,

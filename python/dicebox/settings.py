@@ -61,6 +61,44 @@ class Settings(BaseSettings):
     model_weights_filename: str = Field(default="weights.safetensors", validation_alias=AliasChoices(
         "model_weights_filename", "MODEL_WEIGHTS_FILENAME"))
 
+    # Budgets that bound what one request may ask of the service (each answered with a 4xx
+    # that names the limit when exceeded).
+    max_body_bytes: int = Field(default=64 << 20, ge=1024, validation_alias=AliasChoices(
+        "max_body_bytes", "DICEBOX_MAX_BODY_BYTES"))
+    # Checkpoints and model weights uploaded by processors (under /v1/worker/): a network at
+    # the size limit of a job (50M parameters) has a checkpoint of about 800 MB.
+    max_artifact_bytes: int = Field(default=2 << 30, ge=1024, validation_alias=AliasChoices(
+        "max_artifact_bytes", "DICEBOX_MAX_ARTIFACT_BYTES"))
+    max_image_bytes: int = Field(default=8 << 20, ge=1024, validation_alias=AliasChoices(
+        "max_image_bytes", "DICEBOX_MAX_IMAGE_BYTES"))
+    max_image_pixels: int = Field(default=24_000_000, ge=1, validation_alias=AliasChoices(
+        "max_image_pixels", "DICEBOX_MAX_IMAGE_PIXELS"))
+    max_images_per_request: int = Field(default=1000, ge=1, validation_alias=AliasChoices(
+        "max_images_per_request", "DICEBOX_MAX_IMAGES_PER_REQUEST"))
+    max_epochs: int = Field(default=1000, ge=1, validation_alias=AliasChoices(
+        "max_epochs", "DICEBOX_MAX_EPOCHS"))
+    max_population: int = Field(default=200, ge=2, validation_alias=AliasChoices(
+        "max_population", "DICEBOX_MAX_POPULATION"))
+    max_generations: int = Field(default=200, ge=1, validation_alias=AliasChoices(
+        "max_generations", "DICEBOX_MAX_GENERATIONS"))
+    # Largest dataset side in pixels and most categories a dataset may have.
+    max_dataset_side: int = Field(default=512, ge=1, validation_alias=AliasChoices(
+        "max_dataset_side", "DICEBOX_MAX_DATASET_SIDE"))
+    max_categories: int = Field(default=1000, ge=2, validation_alias=AliasChoices(
+        "max_categories", "DICEBOX_MAX_CATEGORIES"))
+    # The compatibility API (/api/...) works on this dataset and trains this genome.
+    default_dataset: str = Field(default="dicebox", validation_alias=AliasChoices(
+        "default_dataset", "DICEBOX_DEFAULT_DATASET"))
+    default_genome: str = Field(default="", validation_alias=AliasChoices(
+        "default_genome", "DICEBOX_DEFAULT_GENOME"))
+    # Lease of a running job: a processor renews it well before it ends; a dead one's job is
+    # taken up again this long after its last renewal.
+    lease_seconds: float = Field(default=30.0, gt=0, validation_alias=AliasChoices(
+        "lease_seconds", "DICEBOX_LEASE_SECONDS"))
+    # Trained models kept loaded for classification (least recently used dropped first).
+    model_cache_size: int = Field(default=8, ge=1, validation_alias=AliasChoices(
+        "model_cache_size", "DICEBOX_MODEL_CACHE_SIZE"))
+
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -1,0 +1,132 @@
+"""Service benchmark: job throughput and latency through the embedded queue, and
+classification against the naive per-request Flask + PyTorch server.
+
+Jobs: a real server (``dicebox serve``) with 2 processors (one thread each) on a loopback
+port; N one-epoch train jobs on a small dice dataset, submitted at once; jobs/s from the
+first submission to the last completion. Submit-to-running latency is measured on an idle
+processor (one job at a time: ``started_at - created_at``, both stamped by the server's
+clock) and under the 500-job load (which includes queueing).
+
+Classification: bench/classify_bench.py (16 concurrent clients against both servers).
+
+    .venv/bin/python bench/service.py [--jobs 500] [--idle 50] [--skip-classify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import Processor, Server, wait_for
+from tests.test_service import upload_dice
+
+GENOME = {"optimizer": {"name": "adam", "learning_rate": 0.002},
+          "layers": [{"type": "dense", "size": 32, "activation": "relu"}]}
+
+
+def _seconds(job: dict, start: str, end: str) -> float:
+    return (datetime.fromisoformat(job[end]) - datetime.fromisoformat(job[start])).total_seconds()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def _all_jobs(client: httpx.Client) -> list[dict]:
+    out, cursor = [], None
+    while True:
+        params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/jobs", params=params).json()
+        out += page["items"]
+        cursor = page["next"]
+        if cursor is None:
+            return out
+
+
+def bench_jobs(n_jobs: int, n_idle: int) -> dict:
+    with tempfile.TemporaryDirectory() as home:
+        server = Server(Path(home))
+        processors = [Processor(server, f"bench{i}", threads=1) for i in range(2)]
+        client = server.client()
+        try:
+            upload_dice(client, "bench", 600, multipart=False)
+            body = {"kind": "train", "dataset": "bench", "genome": GENOME,
+                    "params": {"epochs": 1, "validation": 0.1, "test": 0.1}}
+            # Warm-up: both processors have fetched and cached the dataset export.
+            warm = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(4)]
+            wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] == "succeeded" for j in warm),
+                     120, 0.1, "warm-up jobs")
+
+            idle = []
+            def finished(job_id: str) -> dict | None:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                return job if job["status"] == "succeeded" else None
+
+            for _ in range(n_idle):
+                job_id = client.post("/v1/jobs", json=body).json()["id"]
+                job = wait_for(lambda job_id=job_id: finished(job_id), 60, 0.005, "an idle-latency job")
+                idle.append(_seconds(job, "created_at", "started_at"))
+
+            started = time.perf_counter()
+            ids = [client.post("/v1/jobs", json=body).json()["id"] for _ in range(n_jobs)]
+            submitted = time.perf_counter() - started
+            wanted = set(ids)
+
+            def all_done() -> bool:
+                queued = client.get("/v1/jobs", params={"status": "queued", "limit": 1}).json()["items"]
+                running = client.get("/v1/jobs", params={"status": "running", "limit": 1}).json()["items"]
+                return not queued and not running
+
+            wait_for(all_done, 3600, 0.5, "the benchmark jobs")
+            elapsed = time.perf_counter() - started
+            jobs = [j for j in _all_jobs(client) if j["id"] in wanted]
+            failed = [j for j in jobs if j["status"] != "succeeded"]
+            loaded = [_seconds(j, "created_at", "started_at") for j in jobs]
+            return {
+                "jobs": n_jobs, "failed": len(failed), "seconds": elapsed, "jobs_per_second": n_jobs / elapsed,
+                "submit_seconds": submitted,
+                "idle_p50_ms": 1000 * statistics.median(idle), "idle_p95_ms": 1000 * _percentile(idle, 0.95),
+                "loaded_p50_ms": 1000 * statistics.median(loaded), "loaded_p95_ms": 1000 * _percentile(loaded, 0.95),
+            }
+        finally:
+            client.close()
+            for p in processors:
+                p.stop()
+            server.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=500)
+    ap.add_argument("--idle", type=int, default=50, help="jobs run one at a time for the idle latency")
+    ap.add_argument("--skip-classify", action="store_true")
+    ap.add_argument("--seconds", type=float, default=20.0, help="classification load duration per server")
+    args = ap.parse_args()
+
+    r = bench_jobs(args.jobs, args.idle)
+    print(f"jobs: {r['jobs']} one-epoch train jobs, 2 processors x 1 thread: {r['seconds']:.1f} s, "
+          f"{r['jobs_per_second']:.1f} jobs/s, {r['failed']} failed (submitting took {r['submit_seconds']:.1f} s)")
+    print(f"submit-to-running, idle processor: p50 {r['idle_p50_ms']:.1f} ms, p95 {r['idle_p95_ms']:.1f} ms")
+    print(f"submit-to-running, {r['jobs']} queued at once: p50 {r['loaded_p50_ms']:.0f} ms, "
+          f"p95 {r['loaded_p95_ms']:.0f} ms (includes waiting in the queue)")
+    if not args.skip_classify:
+        import classify_bench  # bench/classify_bench.py
+
+        return classify_bench.main(["--seconds", str(args.seconds)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
