@@ -5,7 +5,9 @@ Jobs: a real server (``dicebox serve``) with 2 processors (one thread each) on a
 port; N one-epoch train jobs on a small dice dataset, submitted at once; jobs/s from the
 first submission to the last completion. Submit-to-running latency is measured on an idle
 processor (one job at a time: ``started_at - created_at``, both stamped by the server's
-clock) and under the 500-job load (which includes queueing).
+clock) and under the 500-job load (which includes queueing). The peer for throughput is the
+same work with no service at all (split, train, evaluate, save, in two processes), so the
+ratio is the share of the machine the service leaves to training.
 
 Classification: bench/classify_bench.py (16 concurrent clients against both servers).
 
@@ -24,11 +26,9 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tests.servers import Processor, Server, wait_for
-from tests.test_service import upload_dice
+from servers import Processor, Server, upload_dice, wait_for
 
 GENOME = {"optimizer": {"name": "adam", "learning_rate": 0.002},
           "layers": [{"type": "dense", "size": 32, "activation": "relu"}]}
@@ -106,6 +106,34 @@ def bench_jobs(n_jobs: int, n_idle: int) -> dict:
             server.stop()
 
 
+PEER_SCRIPT = """
+import sys, tempfile, time, dicebox
+n, genome = int(sys.argv[1]), __import__("json").loads(sys.argv[2])
+dice = dicebox.datasets.make_dice(count=600, size=24, seed=0)
+with tempfile.TemporaryDirectory() as out:
+    for i in range(n):
+        train, val, test = dice.split([0.8, 0.1, 0.1], seed=0)
+        model = dicebox.train(genome, train, val=val, epochs=1, threads=1)
+        model.evaluate(test)
+        model.save(f"{out}/{i}")
+"""
+
+
+def bench_ceiling(n_jobs: int) -> float:
+    """Jobs/s of the same work with no service at all: two processes (one thread each) each
+    running half the jobs back to back in-process (split, train, evaluate, save)."""
+    import json
+    import subprocess
+
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, str(n_jobs // 2), json.dumps(GENOME)])
+             for _ in range(2)]
+    for proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError("the in-process peer failed")
+    return (n_jobs // 2 * 2) / (time.perf_counter() - started)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=500)
@@ -115,8 +143,11 @@ def main() -> int:
     args = ap.parse_args()
 
     r = bench_jobs(args.jobs, args.idle)
+    ceiling = bench_ceiling(args.jobs)
     print(f"jobs: {r['jobs']} one-epoch train jobs, 2 processors x 1 thread: {r['seconds']:.1f} s, "
           f"{r['jobs_per_second']:.1f} jobs/s, {r['failed']} failed (submitting took {r['submit_seconds']:.1f} s)")
+    print(f"the same work in-process, no service (2 processes x 1 thread): {ceiling:.1f} jobs/s; "
+          f"the service delivers {r['jobs_per_second'] / ceiling:.2f}x of it")
     print(f"submit-to-running, idle processor: p50 {r['idle_p50_ms']:.1f} ms, p95 {r['idle_p95_ms']:.1f} ms")
     print(f"submit-to-running, {r['jobs']} queued at once: p50 {r['loaded_p50_ms']:.0f} ms, "
           f"p95 {r['loaded_p95_ms']:.0f} ms (includes waiting in the queue)")

@@ -18,7 +18,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
+import dicebox
+
 STARTUP_TIMEOUT = 60.0
+SIZE = 24  # side of the dice images upload_dice sends
 
 
 def free_port() -> int:
@@ -176,3 +179,25 @@ def read_sse(client: httpx.Client, path: str, timeout: float = 300.0,
             elif field in ("id", "event"):
                 current[field] = value
     return events
+
+
+def upload_dice(client, name: str, count: int, seed: int = 0, multipart: bool = True) -> dict:
+    """Create dataset ``name`` and upload ``count`` die faces through the REST API."""
+    r = client.post("/v1/datasets", json={"name": name, "width": SIZE, "height": SIZE, "channels": 1})
+    assert r.status_code in (200, 201), r.text
+    dice = dicebox.datasets.make_dice(count=count, size=SIZE, seed=seed)
+    images, labels, categories = dice.images, dice.labels, dice.categories
+    for c, category in enumerate(categories):
+        idx = np.flatnonzero(labels == c)
+        for start in range(0, len(idx), 200):
+            chunk = idx[start:start + 200]
+            if multipart:
+                files = [("files", (f"{i}.png", png_bytes(images[i]), "image/png")) for i in chunk]
+                r = client.post(f"/v1/datasets/{name}/images", data={"category": category}, files=files)
+            else:
+                items = [{"category": category, "data": b64_png(images[i])} for i in chunk]
+                r = client.post(f"/v1/datasets/{name}/images", json={"items": items})
+            assert r.status_code == 200, r.text
+    info = client.get(f"/v1/datasets/{name}").json()
+    assert info["count"] == count
+    return info

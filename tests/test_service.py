@@ -8,40 +8,28 @@ import io
 import signal
 import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from servers import Processor, Server, b64_png, png_bytes, read_sse, wait_for, wait_job
+from servers import (
+    SIZE,
+    Processor,
+    Server,
+    b64_png,
+    png_bytes,
+    read_sse,
+    upload_dice,
+    wait_for,
+    wait_job,
+)
 
 import dicebox
 from dicebox.demo import DEMO_GENOME
 
 KEY = "test-key-0123456789"
-SIZE = 24
-
-
-def upload_dice(client, name: str, count: int, seed: int = 0, multipart: bool = True) -> dict:
-    """Create dataset ``name`` and upload ``count`` die faces through the REST API."""
-    r = client.post("/v1/datasets", json={"name": name, "width": SIZE, "height": SIZE, "channels": 1})
-    assert r.status_code in (200, 201), r.text
-    dice = dicebox.datasets.make_dice(count=count, size=SIZE, seed=seed)
-    images, labels, categories = dice.images, dice.labels, dice.categories
-    for c, category in enumerate(categories):
-        idx = np.flatnonzero(labels == c)
-        for start in range(0, len(idx), 200):
-            chunk = idx[start:start + 200]
-            if multipart:
-                files = [("files", (f"{i}.png", png_bytes(images[i]), "image/png")) for i in chunk]
-                r = client.post(f"/v1/datasets/{name}/images", data={"category": category}, files=files)
-            else:
-                items = [{"category": category, "data": b64_png(images[i])} for i in chunk]
-                r = client.post(f"/v1/datasets/{name}/images", json={"items": items})
-            assert r.status_code == 200, r.text
-    info = client.get(f"/v1/datasets/{name}").json()
-    assert info["count"] == count
-    return info
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +260,40 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_serve_with_local_workers_runs_jobs_and_stops_them(tmp_path):
+    """``dicebox serve --workers 2``: the processors start with the server, take its jobs, and
+    go away with it."""
+    server = Server(tmp_path, workers=2)
+    client = server.client()
+    try:
+        upload_dice(client, "dice", 120, multipart=False)
+        genome = {"optimizer": {"name": "adam", "learning_rate": 0.01},
+                  "layers": [{"type": "dense", "size": 16, "activation": "relu"}]}
+        jobs = [submit(client, kind="train", dataset="dice", genome=genome, params={"epochs": 1})
+                for _ in range(4)]
+        finished = [wait_job(client, j, timeout=120) for j in jobs]
+        assert [j["status"] for j in finished] == ["succeeded"] * 4
+        owners = {e["data"]["owner"] for j in jobs for e in read_sse(client, f"/v1/jobs/{j}/events")
+                  if e.get("event") == "status" and e["data"]["status"] == "running"}
+        assert owners and all(":local" in o for o in owners), owners
+        children = _children(server.proc.pid)
+        assert len(children) == 2
+    finally:
+        client.close()
+        server.stop()
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
-import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -32,10 +30,7 @@ def _settings_error(exc: ValidationError) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from dicebox.localworkers import LocalWorkers
-    from dicebox.server import create_app
+    from dicebox.serving import serve
 
     try:
         settings = _settings(host=args.host, port=args.port, home=args.home, broker_url=args.broker)
@@ -48,26 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 0:
         print(f"dicebox: --workers must be >= 0, got {args.workers}", file=sys.stderr)
         return 2
-    app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, server_header=False)
-    server = uvicorn.Server(config)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    workers = LocalWorkers(settings, args.workers, f"http://{host}:{settings.port}")
-
-    def start_workers_when_listening() -> None:
-        # Processors start once the server accepts connections (before, they would only retry).
-        while not server.started and not server.should_exit:
-            time.sleep(0.05)
-        if server.started and not server.should_exit:
-            workers.start()
-
-    threading.Thread(target=start_workers_when_listening, daemon=True).start()
-    try:
-        server.run()
-    finally:
-        workers.stop()
-    return 0 if server.started else 1
+    serve(settings, workers=args.workers, log_level=args.log_level)
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -178,6 +178,7 @@ class Coordinator:
             notifier.add_listener(self.poke)  # a child ending wakes the loop at once
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_claim = -math.inf
 
     # -- the thread ------------------------------------------------------------------------------
 
@@ -213,8 +214,13 @@ class Coordinator:
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
+            # Looking for new evolve jobs is paced (a poke comes with every report of every
+            # job); the jobs held are looked at on every pass.
+            claim = time.monotonic() - self._last_claim >= POLL_SECONDS
+            if claim:
+                self._last_claim = time.monotonic()
             try:
-                changed = self.step()
+                changed = self.step(claim)
             except Exception:  # never let the thread die: the next pass tries again
                 log.exception("coordinator pass failed")
                 changed = False
@@ -224,11 +230,12 @@ class Coordinator:
 
     # -- one pass --------------------------------------------------------------------------------
 
-    def step(self) -> bool:
-        """One claim attempt, then one pass over every evolve job held; True if anything
-        changed (a job taken, children submitted or scored, a generation bred, a job ended)."""
+    def step(self, claim: bool = True) -> bool:
+        """One claim attempt (unless ``claim`` is False), then one pass over every evolve job
+        held; True if anything changed (a job taken, children submitted or scored, a
+        generation bred, a job ended)."""
         with self._lock:
-            changed = self._claim()
+            changed = self._claim() if claim else False
             for run in list(self._runs.values()):
                 try:
                     changed |= self._pass(run)

@@ -288,6 +288,15 @@ class JobQueue:
             raise ValueError(f"kinds must be a non-empty subset of {sorted(KINDS)}, got {kinds!r}")
         now = _now()
         expired = and_(Job.status == "running", Job.lease_expires_at < now)
+        of_kind = Job.kind.in_(kinds) if kinds is not None else True
+        # A read first: most claims (idle processors polling, the coordinator looking for
+        # evolve jobs) find nothing, and a read does not take SQLite's single write lock,
+        # which submissions and reports need.
+        with self._read() as session:
+            # (Expired jobs of any kind count: the write below also ends the dead ones.)
+            if session.scalars(select(Job.id).where(or_(and_(Job.status == "queued", of_kind), expired))
+                               .limit(1)).first() is None:
+                return None
         with self._write() as session:
             # 1. End the expired jobs that must not run again.
             dead = select(Job).where(expired, or_(Job.attempts >= Job.max_attempts,
@@ -308,8 +317,7 @@ class JobQueue:
 
             # 2. Take the head of the queue.
             stmt = (select(Job)
-                    .where(or_(Job.status == "queued", expired),
-                           Job.kind.in_(kinds) if kinds is not None else True)
+                    .where(or_(Job.status == "queued", expired), of_kind)
                     .order_by(Job.priority.desc(), Job.created_at, Job.id)
                     .limit(1))
             if self.dialect == "postgresql":

@@ -1,6 +1,7 @@
-"""Processors started beside a server (``dicebox serve --workers N``).
+"""Running the server: uvicorn serving the app, with processors started beside it
+(``dicebox serve --workers N``).
 
-Each is a separate ``python -m dicebox.processor`` process talking to the server over HTTP,
+Each processor is a separate ``python -m dicebox.processor`` process talking to the server over HTTP,
 exactly like a processor on another machine; this module only starts them, restarts one
 that dies (after a short back-off, so a crash loop does not spin), and stops them all with
 SIGTERM (a processor then hands its current job back, which resumes from its checkpoint).
@@ -17,6 +18,9 @@ import sys
 import threading
 import time
 
+import uvicorn
+
+from dicebox.server import create_app
 from dicebox.settings import Settings
 
 log = logging.getLogger("dicebox.serve")
@@ -91,3 +95,49 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class ServerWithWorkers(uvicorn.Server):
+    """uvicorn's server that, on SIGINT/SIGTERM, stops the local processors *before* it stops
+    serving: each hands its job back over HTTP (to resume from its checkpoint), which needs
+    the server still listening. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, workers: LocalWorkers) -> None:
+        super().__init__(config)
+        self.workers = workers
+        self._stopping = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._stopping:
+            super().handle_exit(sig, frame)
+            return
+        self._stopping = True
+
+        def stop_then_exit() -> None:
+            self.workers.stop()
+            super(ServerWithWorkers, self).handle_exit(sig, frame)
+
+        threading.Thread(target=stop_then_exit, name="dicebox-stop", daemon=True).start()
+
+
+def serve(settings: Settings, workers: int = 0, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM, with ``workers`` local processors once it listens."""
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=5, server_header=False)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    local = LocalWorkers(settings, workers, f"http://{host}:{settings.port}")
+    server = ServerWithWorkers(config, local)
+
+    def start_workers_when_listening() -> None:
+        # Processors start once the server accepts connections (before, they would only retry).
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started and not server.should_exit:
+            local.start()
+
+    threading.Thread(target=start_workers_when_listening, daemon=True).start()
+    try:
+        server.run()
+    finally:
+        local.stop()  # when the server ended without a signal (a start-up failure)
