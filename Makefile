@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUILD_DIR := build/dev
 APT_PACKAGES := build-essential cmake ninja-build ccache libeigen3-dev libgtest-dev \
-                nlohmann-json3-dev zlib1g-dev python3-venv python3-dev wrk
+                nlohmann-json3-dev zlib1g-dev python3-venv python3-dev wrk rabbitmq-server chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export CCACHE_DIR ?= $(CURDIR)/build/ccache
 # ccache caches compiles that use the precompiled header only with these relaxations.

@@ -10,8 +10,9 @@ import time
 from datetime import datetime
 
 import pytest
+from sqlalchemy import event
 
-from dicebox.jobqueue import JobQueue
+from dicebox.jobqueue import MAX_LIST_LIMIT, Job, JobQueue
 
 LEASE = 0.2  # seconds; tests that need expiry sleep past it
 
@@ -381,3 +382,257 @@ def test_parent_ended_by_lease_expiry_cancels_its_children(queue):
     assert queue.claim("p", 30, kinds=("evolve",)) is None  # ends the dead parent
     assert queue.get(parent["id"])["status"] == "failed"
     assert queue.get(child["id"])["status"] == "canceled"
+
+
+# -- RabbitMQ mode: claim_job (one given job) and the outbox ------------------------------------
+
+def test_claim_job_runs_a_queued_job(queue):
+    job = queue.submit("train", {"n": 1})
+    other = queue.submit("train", {"n": 2}, priority=50)  # claim_job ignores the queue order
+    action, got = queue.claim_job(job["id"], "p1", 30)
+    assert action == "run"
+    assert got["id"] == job["id"] and got["payload"] == {"n": 1} and got["status"] == "running"
+    assert got["attempts"] == 1 and got["lease_owner"] == "p1" and got["started_at"] is not None
+    assert datetime.fromisoformat(got["lease_expires_at"]) > datetime.fromisoformat(got["started_at"])
+    assert queue.get(job["id"]) == got
+    assert queue.get(other["id"])["status"] == "queued"
+    status = queue.events(job["id"])[-1]
+    assert status["type"] == "status"
+    assert status["data"] == {"status": "running", "attempts": 1, "progress": 0.0, "error": None,
+                              "owner": "p1"}
+    # The owner goes on exactly as after claim().
+    assert queue.renew(job["id"], "p1", 30) is True
+    assert queue.complete(job["id"], "p1", {"ok": 1}) is True
+
+
+def test_claim_job_waits_for_a_live_owner(queue):
+    job = queue.submit("train", {})
+    queue.claim_job(job["id"], "p1", 30)
+    before = (queue.get(job["id"]), queue.events(job["id"]))
+    for owner in ("p2", "p1"):  # also its own owner: a second delivery must not run it twice
+        action, got = queue.claim_job(job["id"], owner, 30)
+        assert action == "wait" and got == before[0]
+    assert (queue.get(job["id"]), queue.events(job["id"])) == before
+
+
+def test_claim_job_takes_over_an_expired_lease(queue):
+    job = queue.submit("train", {})
+    queue.claim_job(job["id"], "dead", LEASE)
+    queue.report(job["id"], "dead", "epoch", {"epoch": 1}, progress=0.5)
+    time.sleep(LEASE + 0.15)
+    action, got = queue.claim_job(job["id"], "p2", 30)
+    assert action == "run" and got["attempts"] == 2 and got["lease_owner"] == "p2"
+    assert got["progress"] == 0.0 and got["status"] == "running"
+    assert queue.events(job["id"])[-1]["data"]["owner"] == "p2"
+    # The dead owner, if it was only slow, has lost the job.
+    assert queue.renew(job["id"], "dead", 30) is False
+    assert queue.complete(job["id"], "dead", {}) is False
+    assert queue.claim_job(job["id"], "p3", 30)[0] == "wait"
+
+
+def test_claim_job_after_a_retryable_failure_runs_again(queue):
+    job = queue.submit("train", {}, max_attempts=2)
+    queue.claim_job(job["id"], "p1", 30)
+    queue.fail(job["id"], "p1", "out of memory")
+    action, got = queue.claim_job(job["id"], "p2", 30)
+    assert action == "run" and got["attempts"] == 2 and got["error"] == "out of memory"
+
+
+def test_claim_job_with_attempts_exhausted_ends_it_failed(queue):
+    job = queue.submit("train", {}, max_attempts=2)
+    queue.claim_job(job["id"], "p1", 30)
+    queue.fail(job["id"], "p1", "out of memory")
+    queue.claim_job(job["id"], "p2", LEASE)  # attempt 2, then the processor dies
+    time.sleep(LEASE + 0.15)
+    action, got = queue.claim_job(job["id"], "p3", 30)
+    assert action == "dead"
+    assert got["status"] == "failed" and got["attempts"] == 2 and got["finished_at"] is not None
+    assert got["error"] == "attempts exhausted (last error: out of memory)"
+    assert got["lease_owner"] is None and got["lease_expires_at"] is None
+    assert queue.get(job["id"]) == got
+    assert queue.events(job["id"])[-1]["data"]["status"] == "failed"
+    # Another copy of the message later: the job has ended.
+    assert queue.claim_job(job["id"], "p4", 30) == ("done", got)
+
+
+def test_claims_leave_dead_brokered_jobs_to_claim_job(new_engine):
+    """RabbitMQ mode: a dead train job is ended by claim_job (its message then goes to the
+    dead-letter queue), never by the coordinator's claims of evolve jobs."""
+    plain = JobQueue(new_engine())
+    plain.create_schema()
+    brokered = JobQueue(new_engine(), brokered_kinds=("train",))
+
+    def dead_train_job() -> str:
+        job_id = plain.submit("train", {}, max_attempts=1)["id"]
+        plain.claim_job(job_id, "p1", LEASE)
+        time.sleep(LEASE + 0.15)
+        return job_id
+
+    job_id = dead_train_job()
+    assert brokered.claim("coordinator", 30, kinds=("evolve",)) is None
+    assert brokered.get(job_id)["status"] == "running"
+    assert brokered.claim_job(job_id, "p2", 30)[0] == "dead"
+    assert brokered.get(job_id)["error"] == "attempts exhausted (last error: none)"
+    # The embedded queue's claims end dead jobs of every kind, as before.
+    job_id = dead_train_job()
+    assert plain.claim("coordinator", 30, kinds=("evolve",)) is None
+    assert plain.get(job_id)["status"] == "failed"
+    assert plain.get(job_id)["error"] == "lease expired after 1 attempts (last error: none)"
+    with pytest.raises(ValueError, match="brokered_kinds"):
+        JobQueue(plain.engine, brokered_kinds=("predict",))
+
+
+def test_claim_job_with_attempts_exhausted_while_queued(queue):
+    # Not reachable through fail() (it ends the job at its last attempt), but a queued job
+    # over its attempts must not run again: e.g. one whose max_attempts was lowered by hand.
+    job = queue.submit("train", {}, max_attempts=2)
+    queue.claim_job(job["id"], "p1", 30)
+    queue.fail(job["id"], "p1", "boom")
+    with queue._write() as session:
+        session.get(Job, job["id"]).max_attempts = 1
+    action, got = queue.claim_job(job["id"], "p2", 30)
+    assert action == "dead" and got["status"] == "failed"
+    assert got["error"] == "attempts exhausted (last error: boom)"
+
+
+def test_claim_job_on_an_ended_job_changes_nothing(queue):
+    ended = {}
+    for status in ("succeeded", "failed", "canceled"):
+        job = queue.submit("train", {})
+        if status == "canceled":
+            queue.cancel(job["id"])
+        else:
+            queue.claim_job(job["id"], "p1", 30)
+            if status == "succeeded":
+                queue.complete(job["id"], "p1", {"model_id": "m"})
+            else:
+                queue.fail(job["id"], "p1", "bad dataset", retry=False)
+        ended[status] = job["id"]
+    for status, job_id in ended.items():
+        before = (queue.get(job_id), queue.events(job_id))
+        action, got = queue.claim_job(job_id, "p2", 30)
+        assert (action, got["status"]) == ("done", status)
+        assert (queue.get(job_id), queue.events(job_id)) == before
+
+
+def test_claim_job_of_a_canceled_job_whose_owner_died(queue):
+    parent = queue.submit("train", {})
+    child = queue.submit("train", {}, parent_id=parent["id"])
+    queue.claim_job(parent["id"], "dead", LEASE)
+    queue.cancel(parent["id"])
+    time.sleep(LEASE + 0.15)
+    action, got = queue.claim_job(parent["id"], "p2", 30)
+    assert action == "done" and got["status"] == "canceled" and got["attempts"] == 1
+    assert queue.get(child["id"])["status"] == "canceled"
+
+
+def test_claim_job_two_processors_at_once_one_runs(backend):
+    queue, make_queue = backend
+    other = make_queue()
+    job = queue.submit("train", {})
+    barrier = threading.Barrier(2)
+    actions, errors = [], []
+
+    def start(q, owner):
+        try:
+            barrier.wait()
+            actions.append((q.claim_job(job["id"], owner, 30)[0], owner))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(q, f"p{i}")) for i, q in enumerate((queue, other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(a for a, _ in actions) == ["run", "wait"]
+    runner = next(owner for action, owner in actions if action == "run")
+    assert queue.get(job["id"])["lease_owner"] == runner and queue.get(job["id"])["attempts"] == 1
+
+
+def test_claim_job_bad_arguments_change_nothing(queue):
+    job = queue.submit("train", {})
+    before = (queue.get(job["id"]), queue.events(job["id"]))
+    with pytest.raises(KeyError):
+        queue.claim_job("f" * 32, "p1", 30)
+    for args, word in (((job["id"], "", 30), "owner"), ((job["id"], "p1", 0), "lease_seconds"),
+                       ((job["id"], "p1", float("inf")), "lease_seconds"),
+                       ((job["id"], None, 30), "owner"), (("", "p1", 30), "job_id")):
+        with pytest.raises(ValueError, match=word):
+            queue.claim_job(*args)
+    assert (queue.get(job["id"]), queue.events(job["id"])) == before
+
+
+def test_unpublished_in_publish_order_and_mark_published(queue):
+    low = queue.submit("train", {}, priority=-10)
+    first = queue.submit("train", {})
+    high = queue.submit("train", {}, priority=20)
+    second = queue.submit("train", {})
+    evolve = queue.submit("evolve", {}, priority=99)   # never published: the server runs it
+    running = queue.submit("train", {}, priority=99)
+    queue.claim_job(running["id"], "p", 30)              # not queued any more
+    canceled = queue.submit("train", {}, priority=99)
+    queue.cancel(canceled["id"])
+    assert all(j["published_at"] is None for j in (low, first, high, second, evolve))
+    expected = [high["id"], first["id"], second["id"], low["id"]]
+    assert [j["id"] for j in queue.unpublished()] == expected
+    assert [j["id"] for j in queue.unpublished(limit=2)] == expected[:2]
+    head = queue.unpublished(limit=1)[0]
+    assert head["payload"] == {} and head["kind"] == "train" and head["priority"] == 20
+
+    assert queue.mark_published([high["id"], second["id"]]) == 2
+    assert [j["id"] for j in queue.unpublished()] == [first["id"], low["id"]]
+    stamped = queue.get(high["id"])["published_at"]
+    assert datetime.fromisoformat(stamped).utcoffset().total_seconds() == 0
+    # Idempotent: marking again (a publisher repeating itself) keeps the first time.
+    assert queue.mark_published([high["id"], "f" * 32]) == 0
+    assert queue.get(high["id"])["published_at"] == stamped
+    assert queue.mark_published([]) == 0
+    # A published job that goes back to the queue (a retryable failure) keeps its message:
+    # the broker redelivers it, so it is not published again.
+    queue.claim_job(high["id"], "p", 30)
+    queue.fail(high["id"], "p", "boom")
+    assert queue.get(high["id"])["status"] == "queued"
+    assert [j["id"] for j in queue.unpublished()] == [first["id"], low["id"]]
+    assert queue.mark_published(j["id"] for j in queue.unpublished()) == 2
+    assert queue.unpublished() == []
+
+
+def test_unpublished_and_mark_published_bad_arguments(queue):
+    job = queue.submit("train", {})
+    for call, word in ((lambda: queue.unpublished(0), "limit"),
+                       (lambda: queue.unpublished(MAX_LIST_LIMIT + 1), "limit"),
+                       (lambda: queue.mark_published(job["id"]), "ids"),
+                       (lambda: queue.mark_published([job["id"], ""]), "job_id"),
+                       (lambda: queue.mark_published([job["id"], 7]), "job_id")):
+        with pytest.raises(ValueError, match=word):
+            call()
+    assert [j["id"] for j in queue.unpublished()] == [job["id"]]
+
+
+def test_outbox_query_reads_the_partial_index(queue):
+    """The outbox looks often; with many queued (published) jobs it must read only the few
+    unpublished ones, through ix_jobs_unpublished, not walk the queue."""
+    for i in range(30):
+        queue.submit("train", {}, priority=i % 3)
+    executed = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _many):
+        executed.append((statement, parameters))
+
+    event.listen(queue.engine, "before_cursor_execute", capture)
+    try:
+        assert len(queue.unpublished()) == 30
+    finally:
+        event.remove(queue.engine, "before_cursor_execute", capture)
+    statement, parameters = next((s, p) for s, p in executed if "FROM jobs" in s)
+    with queue.engine.connect() as connection:
+        if queue.dialect == "sqlite":
+            plan = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
+        else:
+            # On a table this small PostgreSQL would rather scan it; the question here is only
+            # whether the index matches the query.
+            connection.exec_driver_sql("SET enable_seqscan = off")
+            plan = connection.exec_driver_sql("EXPLAIN " + statement, parameters).all()
+    assert "ix_jobs_unpublished" in " ".join(str(row) for row in plan), plan

@@ -2,8 +2,8 @@
 ``python -m dicebox.processor`` processes. A job trains with per-epoch events, history and a
 model; the dataset export is cached by ETag; warm starts (init, LOAD_BEST_WEIGHTS_ON_START);
 a processor killed mid-job leaves the job to another, which resumes from the checkpoint;
-cancel stops a job within one epoch; SIGTERM hands the job back; a missing server or a
-broker URL never crash a processor."""
+cancel stops a job within one epoch; SIGTERM hands the job back; a missing server or broker
+never crashes a processor. RabbitMQ mode end to end is in test_rabbitmq.py."""
 
 from __future__ import annotations
 
@@ -269,15 +269,33 @@ def test_an_unreachable_server_does_not_crash_a_processor(tmp_path):
                 proc.wait()
 
 
-def test_a_broker_url_is_refused_for_now(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dicebox.processor", "--broker", "amqp://guest:guest@127.0.0.1/"],
-                          env=base_env(tmp_path, None), capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 2 and "not supported yet" in done.stderr, done.stderr
-    assert not (tmp_path / "cache").exists()
+def test_an_unreachable_broker_does_not_crash_a_processor(tmp_path):
+    env = base_env(tmp_path, KEY)
+    cmd = [sys.executable, "-m", "dicebox.processor", "--broker", f"amqp://guest:secret@127.0.0.1:{free_port()}/%2F",
+           "--server", f"http://127.0.0.1:{free_port()}", "--name", "adrift", "--cache", str(tmp_path / "cache")]
+    log_path = tmp_path / "adrift.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: log_path.read_text().count("cannot connect to amqp://") >= 2, 60, 0.1,
+                     "two failed connection attempts")
+            assert proc.poll() is None
+            assert "secret" not in log_path.read_text()  # the broker password is never logged
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.parametrize("args, env, words", [
-    ([], {"DICEBOX_BROKER_URL": "amqp://127.0.0.1/"}, "not supported yet"),
+    (["--broker", "amqp://127.0.0.1/", "--handoff-seconds", "0"], {}, "--handoff-seconds"),
+    (["--broker", "amqp://127.0.0.1/", "--handoff-seconds", "nan"], {}, "--handoff-seconds"),
+    ([], {"DICEBOX_BROKER_URL": "amqp://127.0.0.1/", "DICEBOX_BROKER_HANDOFF_SECONDS": "soon"},
+     "DICEBOX_BROKER_HANDOFF_SECONDS"),
+    ([], {"DICEBOX_BROKER_URL": "amqp://127.0.0.1/", "DICEBOX_BROKER_HANDOFF_SECONDS": "-5"},
+     "DICEBOX_BROKER_HANDOFF_SECONDS"),
     (["--broker", "redis://x"], {}, "broker_url"),
     (["--concurrency", "0"], {}, "concurrency"),
     (["--threads", "0"], {}, "threads"),

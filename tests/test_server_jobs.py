@@ -120,7 +120,7 @@ def test_key_required(app):
 
 @pytest.mark.parametrize("args, message", [
     (["serve", "--host", "0.0.0.0"], "loopback"),
-    (["serve", "--broker", "amqp://guest:guest@127.0.0.1:5672/"], "RabbitMQ"),
+    (["serve", "--broker", "http://127.0.0.1:5672/"], "amqp://"),
     (["serve", "--workers", "-1"], "--workers"),
 ])
 def test_serve_refuses_bad_settings(tmp_path, args, message):

@@ -214,6 +214,15 @@ class WorkerAPI:
         return self._c.json("POST", "/v1/worker/claim", json={"worker": worker, "wait": wait},
                             timeout=httpx.Timeout(self._c.timeout, read=self._c.timeout + wait))
 
+    def start(self, job_id: str, worker: str) -> dict:
+        """RabbitMQ mode: what to do with a broker message naming job ``job_id``.
+
+        Returns ``{"action": "run" | "wait" | "done" | "dead", "job": {...},
+        "lease_seconds": s}`` plus ``retry_after`` (wait), ``status`` (done) or ``error``
+        (dead); with "run" ``worker`` now holds the job's lease. NotFound for an unknown job
+        or one that is not a train job (dead-letter the message)."""
+        return self._c.json("POST", f"/v1/worker/jobs/{_seg(job_id)}/start", json={"worker": worker})
+
     def heartbeat(self, job_id: str, worker: str, *, progress: float | None = None,
                   epoch: dict[str, Any] | None = None,
                   samples_per_second: float | None = None) -> bool:

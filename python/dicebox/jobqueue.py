@@ -7,6 +7,11 @@ to someone else (attempts + 1), or, when the job has used up ``max_attempts``, e
 with the last error. Jobs are ordered by priority (higher first), FIFO within one priority.
 Idempotency keys make submission safe to retry: the same key returns the same job.
 
+In RabbitMQ mode the broker decides who gets which job, and the queue stays the truth:
+``claim_job`` takes the one job a message names (or says why not: it runs elsewhere, has
+ended, or has used up its attempts), and ``unpublished``/``mark_published`` are the outbox
+through which every queued train job reaches the broker (see ``dicebox.outbox``).
+
 Statuses: ``queued``, ``running``, ``succeeded``, ``failed``, ``canceled``.
 
 Storage is SQLite by default (a file) or PostgreSQL (``postgresql+psycopg://...``); the same
@@ -26,6 +31,7 @@ import binascii
 import json
 import math
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,6 +49,8 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -95,6 +103,9 @@ class Job(Base):
     # Working state its owner keeps between steps (an evolve job's generations), saved with
     # save_state so a new owner carries on where the last one stopped.
     state: Mapped[Any | None] = mapped_column(JSON, nullable=True)
+    # RabbitMQ mode: when the job's message was confirmed by the broker (None = not yet, or
+    # never for evolve jobs, which the server runs itself). See dicebox.outbox.
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +128,7 @@ class Job(Base):
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "state": self.state,
+            "published_at": iso(self.published_at),
         }
 
 
@@ -143,6 +155,20 @@ class JobEvent(Base):
 # The claim query filters on status and orders by priority desc, created_at: this index lets it
 # read the head of the queue in index order instead of sorting every queued row.
 Index("ix_jobs_claim", Job.status, Job.priority.desc(), Job.created_at)
+
+# What the outbox publishes (RabbitMQ mode): queued train jobs whose message the broker has
+# not confirmed yet. Written as literal SQL because both SQLite and PostgreSQL use a partial
+# index only when the query's WHERE repeats the index's predicate with the same constants
+# (a bound parameter does not match); the outbox query uses exactly this text.
+UNPUBLISHED = "status = 'queued' AND kind = 'train' AND published_at IS NULL"
+# A partial index: it holds only the jobs waiting to be published (normally none or a few),
+# already in the order they are published, so the outbox's frequent look costs next to
+# nothing however many jobs the table holds (migration 0005 creates it). status and kind are
+# constant inside it, but listed as columns all the same: SQLite without ANALYZE statistics
+# ranks indexes by how many leading columns the WHERE pins down, and would otherwise prefer
+# ix_jobs_claim (status = ?) and walk every queued job, published or not.
+Index("ix_jobs_unpublished", Job.status, Job.kind, Job.priority.desc(), Job.created_at, Job.id,
+      sqlite_where=text(UNPUBLISHED), postgresql_where=text(UNPUBLISHED))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +212,12 @@ def _check_json(name: str, value: Any) -> Any:
 class JobQueue:
     """The queue over one SQLAlchemy ``Engine`` (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, brokered_kinds: Iterable[str] = ()):
+        """``brokered_kinds``: the kinds of job that travel as broker messages (RabbitMQ mode:
+        ``("train",)``); ``claim`` never ends those (see ``claim_job``)."""
+        self.brokered_kinds = tuple(brokered_kinds)
+        if not set(self.brokered_kinds) <= KINDS:
+            raise ValueError(f"brokered_kinds must be a subset of {sorted(KINDS)}, got {brokered_kinds!r}")
         self.engine = engine
         self._tx = Transactions(engine)  # ValueError for a backend other than SQLite/PostgreSQL
         self.dialect = self._tx.dialect
@@ -278,9 +309,9 @@ class JobQueue:
         """Take the next job (highest priority, oldest first) under a lease, or None.
 
         Candidates are queued jobs and running jobs whose lease has expired (their processor
-        is presumed dead), of one of ``kinds`` (default: any). Expired jobs that have used all
-        their attempts are ended here (``failed``, or ``canceled`` if a cancel was requested)
-        instead of being handed out.
+        is presumed dead), of one of ``kinds`` (default: any). Expired jobs (of any kind but
+        the ``brokered_kinds``) that have used all their attempts are ended here (``failed``, or
+        ``canceled`` if a cancel was requested) instead of being handed out.
         """
         _check_str("owner", owner)
         lease = _check_lease(lease_seconds)
@@ -289,18 +320,23 @@ class JobQueue:
         now = _now()
         expired = and_(Job.status == "running", Job.lease_expires_at < now)
         of_kind = Job.kind.in_(kinds) if kinds is not None else True
+        # Brokered jobs are ended by claim_job when their message comes back, so that the
+        # message is dead-lettered; a claim here (the coordinator's) must not beat it to it.
+        endable = Job.kind.not_in(self.brokered_kinds) if self.brokered_kinds else True
         # A read first: most claims (idle processors polling, the coordinator looking for
         # evolve jobs) find nothing, and a read does not take SQLite's single write lock,
         # which submissions and reports need.
         with self._read() as session:
-            # (Expired jobs of any kind count: the write below also ends the dead ones.)
-            if session.scalars(select(Job.id).where(or_(and_(Job.status == "queued", of_kind), expired))
+            # (Expired jobs of any kind but the brokered ones count: the write below also ends
+            # the dead ones.)
+            if session.scalars(select(Job.id).where(or_(and_(Job.status == "queued", of_kind),
+                                                        and_(expired, endable)))
                                .limit(1)).first() is None:
                 return None
         with self._write() as session:
             # 1. End the expired jobs that must not run again.
-            dead = select(Job).where(expired, or_(Job.attempts >= Job.max_attempts,
-                                                  Job.cancel_requested.is_(True)))
+            dead = select(Job).where(expired, endable, or_(Job.attempts >= Job.max_attempts,
+                                                           Job.cancel_requested.is_(True)))
             if self.dialect == "postgresql":
                 dead = dead.with_for_update(skip_locked=True)
             for job in session.scalars(dead):
@@ -338,6 +374,84 @@ class JobQueue:
             job.finished_at = None
             self._status_event(session, job, owner=owner)
             return job.to_dict()
+
+    def claim_job(self, job_id: str, owner: str, lease_seconds: float) -> tuple[str, dict]:
+        """Take one given job (RabbitMQ mode: the job a broker message names) under a lease.
+
+        Returns ``(action, job)``, the job as it is after the call:
+
+        - ``"run"``: the job was queued, or running under a lease that has expired (its owner
+          is presumed dead): it is now ``owner``'s (attempts + 1), to run from its checkpoint.
+        - ``"wait"``: the job is running under a live lease (another processor, or this one on
+          another delivery): leave it to its owner and look again after the lease.
+        - ``"done"``: the job has ended (a duplicate delivery), or it was a cancel-requested
+          job whose owner died, which is ended ``canceled`` here.
+        - ``"dead"``: the job has used all its attempts; it is ended ``failed`` here with
+          "attempts exhausted (last error: ...)".
+
+        Unknown ids raise KeyError; bad arguments ValueError. The decision and the change are
+        one transaction (the row locked), so two processors handed the same job at once get
+        one "run" and one "wait".
+        """
+        _check_str("owner", owner)
+        lease = _check_lease(lease_seconds)
+        with self._write() as session:
+            job = self._job(session, job_id, lock=True)
+            now = _now()
+            if job.status in FINISHED:
+                return "done", job.to_dict()
+            if job.status == "running" and job.lease_expires_at is not None \
+                    and job.lease_expires_at >= now:
+                return "wait", job.to_dict()
+            # Queued, or running under an expired lease.
+            if job.status == "running" and job.cancel_requested:
+                job.status, job.finished_at = "canceled", now
+                job.lease_owner = job.lease_expires_at = None
+                self._status_event(session, job)
+                self._cancel_children(session, job.id)
+                return "done", job.to_dict()
+            if job.attempts >= job.max_attempts:
+                job.status, job.finished_at = "failed", now
+                job.error = f"attempts exhausted (last error: {job.error or 'none'})"
+                job.lease_owner = job.lease_expires_at = None
+                self._status_event(session, job)
+                self._cancel_children(session, job.id)
+                return "dead", job.to_dict()
+            job.status = "running"
+            job.attempts += 1
+            job.progress = 0.0
+            job.lease_owner = owner
+            job.lease_expires_at = now + timedelta(seconds=lease)
+            job.started_at = now
+            job.finished_at = None
+            self._status_event(session, job, owner=owner)
+            return "run", job.to_dict()
+
+    def unpublished(self, limit: int = 100) -> list[dict]:
+        """Queued train jobs whose broker message is not confirmed yet (RabbitMQ mode), in
+        the order they should reach the broker: highest priority first, oldest first."""
+        _check_int("limit", limit, 1, MAX_LIST_LIMIT)
+        with self._read() as session:
+            rows = session.scalars(select(Job).where(text(UNPUBLISHED))
+                                   .order_by(Job.priority.desc(), Job.created_at, Job.id)
+                                   .limit(limit)).all()
+            return [row.to_dict() for row in rows]
+
+    def mark_published(self, ids: Iterable[str]) -> int:
+        """Record that the broker confirmed the messages of jobs ``ids``; returns how many
+        jobs were marked (ids already marked, or unknown, are skipped: marking is
+        idempotent, so a publisher that repeats itself after a crash changes nothing)."""
+        if isinstance(ids, str):
+            raise ValueError(f"ids must be a collection of job ids, got the string {ids!r}")  # noqa: TRY004
+        ids = [_check_str("job_id", job_id, 64) for job_id in ids]
+        if not ids:
+            return 0
+        with self._write() as session:
+            result = session.execute(update(Job)
+                                     .where(Job.id.in_(ids), Job.published_at.is_(None))
+                                     .values(published_at=_now())
+                                     .execution_options(synchronize_session=False))
+            return int(result.rowcount)
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease. False means the job is no longer this owner's (taken over,
@@ -385,7 +499,7 @@ class JobQueue:
         ``failed`` with ``error``. If a cancel was requested it ends ``canceled``.
         """
         if not isinstance(error, str):
-            raise ValueError(f"error must be a string, got {type(error).__name__}")
+            raise ValueError(f"error must be a string, got {type(error).__name__}")  # noqa: TRY004
         with self._write() as session:
             job = self._owned(session, job_id, owner)
             if job is None:

@@ -1,7 +1,8 @@
 """Training processors: take train jobs from a dicebox server and run them in the core.
 
-``python -m dicebox.processor [--server URL] [--concurrency N] [--name NAME] [--cache DIR]
-[--threads N]`` (also ``dicebox worker``). A processor talks to the server only over HTTP
+``python -m dicebox.processor [--server URL] [--broker AMQP_URL] [--concurrency N] [--name NAME]
+[--cache DIR] [--threads N] [--handoff-seconds S]`` (also ``dicebox worker``). A processor talks
+to the server only over HTTP
 (:class:`dicebox.client.Client`, the ``/v1/worker`` protocol), so it may run on any machine
 that reaches the server. Each of its ``concurrency`` loops repeats:
 
@@ -19,6 +20,10 @@ A cancel requested on the server stops training within one epoch (the heartbeat 
 "stop" and the CancelToken is set). SIGTERM/SIGINT stop claiming, cancel the training and
 hand the job back, so another processor resumes it from its checkpoint. A server that cannot
 be reached is retried with back-off; a job whose lease was lost (409) is dropped quietly.
+
+With a broker (``--broker`` / DICEBOX_BROKER_URL, RabbitMQ mode) step 1 changes: jobs arrive
+as messages and the server is asked what to do with each (:class:`BrokerProcessor`); a
+message is acknowledged only once the job's end is stored on the server.
 """
 
 from __future__ import annotations
@@ -51,10 +56,12 @@ from dicebox.dataset import Dataset
 from dicebox.errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge
 from dicebox.genome import Genome
 from dicebox.model import Model
+from dicebox.rabbitmq.connection import redact
+from dicebox.rabbitmq.jobs import Delivery, JobConsumer
 from dicebox.settings import Settings
 from dicebox.training import default_threads
 
-__all__ = ["DiskCache", "Processor", "main"]
+__all__ = ["BrokerProcessor", "DiskCache", "Processor", "main"]
 
 log = logging.getLogger("dicebox.processor")
 
@@ -68,6 +75,9 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 STOP_GRACE = 60.0
 # How long a job being handed back on shutdown keeps trying an unreachable server.
 HANDBACK_SECONDS = 10.0
+# Broker mode: a delivery is handed over after this long (RabbitMQ's consumer_timeout is 30
+# minutes by default; this must stay below the broker's setting).
+DEFAULT_HANDOFF_SECONDS = 1200.0
 CHECKPOINT_FILE = "checkpoint.safetensors"
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "patience": 5, "seed": 0, "augment": 0.0,
                   "label_smoothing": 0.0, "validation": 0.1, "test": 0.1}
@@ -249,6 +259,12 @@ class JobRun:
         # Set when the server refuses checkpoints of this size: stop sending them.
         self.checkpoint_refused = False
         self.epochs = 1
+        # What becomes of the job's broker message once the run is over (RabbitMQ mode):
+        # "ack" (the job ended, or is someone else's now), "requeue" (it is to run again, or
+        # its end could not be stored), "reject" (it ended failed for good: dead-letter it).
+        self.disposition = "requeue"
+        # A report was refused with 409/404: the job is no longer this worker's.
+        self._lost = False
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -317,6 +333,7 @@ class JobRun:
             self._report_stop()
         except Conflict:
             log.info("job %s: the lease is no longer %s's; dropped", self.id, self.worker)
+            self._lost = True
         except ServerUnavailable as exc:
             # Only when stopping or lost (else _retrying waits for the server): the lease
             # expires and the job is taken up again from its stored checkpoint.
@@ -326,18 +343,27 @@ class JobRun:
             # another attempt would fail the same way.
             message = exc.message if isinstance(exc, ServiceError) else str(exc)
             log.error("job %s: failed: %s", self.id, message)
-            self._report("fail", lambda: self.client.worker.fail(self.id, self.worker, message, retry=False))
+            if self._report("fail", lambda: self.client.worker.fail(self.id, self.worker, message, retry=False)):
+                self.disposition = "reject"
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc.message if isinstance(exc, ServiceError) else exc}"
             log.exception("job %s: failed (will be retried while attempts are left)", self.id)
-            self._report("fail", lambda: self.client.worker.fail(self.id, self.worker, message, retry=True))
+            if (self._report("fail", lambda: self.client.worker.fail(self.id, self.worker, message, retry=True))
+                    and self._last_attempt()):
+                self.disposition = "reject"  # the server ended it failed: no attempts left
         else:
             self._complete(result)
         finally:
+            if self._lost or self.stop_reason == "lost":
+                self.disposition = "ack"
             self._lease_done.set()
             lease.join()
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+    def _last_attempt(self) -> bool:
+        attempts, most = self.job.get("attempts"), self.job.get("max_attempts")
+        return isinstance(attempts, int) and isinstance(most, int) and attempts >= most
 
     def _report(self, what: str, call: Callable[[], Any], deadline: float | None = None) -> bool:
         """The final word on the job; a lost lease or a server gone for good is logged."""
@@ -348,6 +374,7 @@ class JobRun:
             return True
         except (Conflict, NotFound):
             log.info("job %s: %s refused, the lease is no longer %s's; dropped", self.id, what, self.worker)
+            self._lost = True
         except ServiceError as exc:
             log.error("job %s: could not %s (%s); the lease will expire and the job be retried",
                       self.id, what, exc.message)
@@ -358,13 +385,16 @@ class JobRun:
             self._retrying(lambda: self.client.worker.complete(self.id, self.worker, result),
                            time.monotonic() + HANDBACK_SECONDS if self.processor.stopping.is_set() else None)
             log.info("job %s: succeeded (model %s)", self.id, result["model_id"])
+            self.disposition = "ack"
         except InvalidInput as exc:
             # The same result would be refused again: end the job with the reason.
             message = f"the server refused the result: {exc.message}"
             log.error("job %s: %s", self.id, message)
-            self._report("fail", lambda: self.client.worker.fail(self.id, self.worker, message, retry=False))
+            if self._report("fail", lambda: self.client.worker.fail(self.id, self.worker, message, retry=False)):
+                self.disposition = "reject"
         except (Conflict, NotFound):
             log.info("job %s: complete refused, the lease is no longer %s's; dropped", self.id, self.worker)
+            self._lost = True
         except ServiceError as exc:
             log.error("job %s: could not complete (%s); the lease will expire and the job be retried",
                       self.id, exc.message)
@@ -382,6 +412,7 @@ class JobRun:
             def acknowledge() -> None:
                 if self.client.worker.canceled(self.id, self.worker):
                     log.info("job %s: canceled", self.id)
+                    self.disposition = "ack"
                 else:  # told to stop without a cancel request: give it back
                     self.client.worker.fail(self.id, self.worker, "stopped by the server", retry=True)
             self._report("acknowledge the cancel", acknowledge)
@@ -641,11 +672,164 @@ class Processor:
             client.close()
 
 
+class BrokerProcessor(Processor):
+    """A processor in RabbitMQ mode: jobs come as messages on ``dicebox.jobs`` (a
+    :class:`dicebox.rabbitmq.JobConsumer` with one slot per concurrent job, prefetch 1 each)
+    instead of claims; everything else (the lease, checkpoints, the model, complete) is the
+    same :class:`JobRun` over HTTP.
+
+    For each message a worker thread asks the server ``POST /v1/worker/jobs/{id}/start``:
+    ``run`` -> run the job, then ack the message only once the end is stored (requeue it
+    for a retry, dead-letter it when the job ended failed for good); ``wait`` (another
+    processor's lease is alive) -> park the message for ``retry_after``; ``done`` -> ack (a
+    duplicate); ``dead`` (attempts used up; the server ended the job failed) and unknown jobs
+    -> dead-letter. Deliveries held for ``handoff_seconds`` are handed over by the consumer
+    (see :mod:`dicebox.rabbitmq.jobs`), so jobs may run longer than the broker's
+    ``consumer_timeout``.
+    """
+
+    def __init__(self, settings: Settings, concurrency: int = 1, name: str | None = None,
+                 cache_dir: str | os.PathLike | None = None,
+                 handoff_seconds: float = DEFAULT_HANDOFF_SECONDS, heartbeat: int | None = None,
+                 client_factory: Callable[[], Client] | None = None) -> None:
+        if not settings.broker_url:
+            raise ValueError("broker_url: a BrokerProcessor needs an amqp:// URL (--broker or DICEBOX_BROKER_URL)")
+        super().__init__(settings, concurrency=concurrency, name=name, cache_dir=cache_dir,
+                         client_factory=client_factory)
+        self.consumer = JobConsumer(settings.broker_url, self._handle, concurrency=concurrency,
+                                    handoff_seconds=handoff_seconds, lease_seconds=settings.lease_seconds,
+                                    heartbeat=heartbeat, name=f"dicebox-processor {self.name}")
+        self._client: Client | None = None
+        self._consumer_thread: threading.Thread | None = None
+        # Set when the consumer ended by itself (a bug): main exits non-zero.
+        self.failed = False
+
+    def start(self) -> None:
+        self.cache.sweep_work()
+        self._client = self._client_factory()
+        self._consumer_thread = threading.Thread(target=self._consume, name="processor-broker", daemon=True)
+        self._consumer_thread.start()
+        log.info("processor %s: %d slot(s) taking jobs from %s for %s (%d training threads each)",
+                 self.name, self.concurrency, redact(self.settings.broker_url), self.settings.server_url,
+                 self.threads)
+
+    def stop(self) -> None:
+        """Stop taking messages and hand the running jobs back (thread-safe, signal-safe):
+        each run reports ``fail(retry)`` to the server, then its message is requeued."""
+        super().stop()
+        self.consumer.stop()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the consumer has ended (after ``stop``: once every running job was
+        handed back and its message settled); True if it has."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not super().join(timeout):
+            return False
+        if self._consumer_thread is not None:
+            self._consumer_thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if self._consumer_thread.is_alive():
+                return False
+        if self._client is not None:
+            self._client.close()
+        return True
+
+    def _consume(self) -> None:
+        try:
+            self.consumer.run()
+        except Exception:
+            log.exception("processor %s: the broker consumer failed", self.name)
+            self.failed = True
+        finally:
+            if not self.stopping.is_set():  # ended by itself: the processor ends with it
+                self.failed = True
+                self.stop()
+
+    def _handle(self, delivery: Delivery) -> None:
+        """One job message, on a consumer worker thread; always settles the delivery."""
+        client = self._client
+        assert client is not None, "start() creates the client"
+        worker = f"{self.name}:{delivery.slot}"
+        if self.stopping.is_set():
+            delivery.requeue()
+            return
+        answer = self._start(client, worker, delivery)
+        if answer is None:
+            return  # settled by _start
+        action = answer.get("action")
+        job_id = delivery.job_id
+        if action == "run":
+            self._run(client, worker, delivery, answer)
+        elif action == "wait":
+            retry_after = answer.get("retry_after")
+            seconds = float(retry_after) if isinstance(retry_after, (int, float)) and retry_after > 0 \
+                else self.settings.lease_seconds
+            log.info("job %s: runs elsewhere (lease alive); parking its message for %.1f s", job_id, seconds)
+            if not delivery.park(seconds):
+                # Not parked (broker trouble): give it back after a pause, not in a hot loop.
+                self.stopping.wait(BACKOFF_FIRST)
+                delivery.requeue()
+        elif action == "done":
+            log.info("job %s: already %s; message acknowledged", job_id, answer.get("status"))
+            delivery.ack()
+        elif action == "dead":
+            log.error("job %s: dead-lettered: %s", job_id, answer.get("error"))
+            delivery.reject()
+        else:
+            log.error("job %s: the server answered start with an unknown action %r; requeueing in %.0f s",
+                      job_id, action, BACKOFF_MAX)
+            self.stopping.wait(BACKOFF_MAX)
+            delivery.requeue()
+
+    def _start(self, client: Client, worker: str, delivery: Delivery) -> dict[str, Any] | None:
+        """The server's answer to ``start``, retried while it is unreachable; None when the
+        delivery was settled here instead (unknown job, stopping, a server error)."""
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                return client.worker.start(delivery.job_id, worker)
+            except (NotFound, InvalidInput) as exc:
+                log.error("job %s: the server does not know this job (%s); message dead-lettered",
+                          delivery.job_id, exc.message)
+                delivery.reject()
+                return None
+            except ServiceError as exc:
+                if self.stopping.is_set():
+                    delivery.requeue()
+                    return None
+                level = logging.WARNING if isinstance(exc, ServerUnavailable) else logging.ERROR
+                log.log(level, "job %s: cannot start it on %s (%s); retrying in %.1f s",
+                        delivery.job_id, self.settings.server_url, exc.message, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    def _run(self, client: Client, worker: str, delivery: Delivery, answer: dict[str, Any]) -> None:
+        run = JobRun(self, client, worker, {"job": answer["job"], "lease_seconds": answer.get("lease_seconds")})
+        with self._idle:
+            self._runs.add(run)
+        try:
+            if self.stopping.is_set():
+                run.interrupt("shutdown")
+            run.run()
+        finally:
+            with self._idle:
+                self._runs.discard(run)
+                self._idle.notify_all()
+        settle = {"ack": delivery.ack, "reject": delivery.reject}.get(run.disposition, delivery.requeue)
+        if not settle() and not delivery.handed_over:
+            log.info("job %s: its message went with a broken broker connection; whoever receives it "
+                     "next finds the job's state on the server", run.id)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dicebox.processor",
                                 description="Take train jobs from a dicebox server and run them.")
     p.add_argument("--server", help="server URL (default DICEBOX_SERVER_URL or http://127.0.0.1:8000)")
-    p.add_argument("--broker", help="RabbitMQ URL (amqp://...); not supported yet")
+    p.add_argument("--broker", help="RabbitMQ URL (amqp://...; default DICEBOX_BROKER_URL): take jobs from "
+                                    "its dicebox.jobs queue instead of claiming them from the server")
+    p.add_argument("--handoff-seconds", type=float,
+                   help="broker mode: hand a delivery over (park a copy, ack it) after this long, so no "
+                        "delivery outlives RabbitMQ's consumer_timeout (default "
+                        f"DICEBOX_BROKER_HANDOFF_SECONDS or {DEFAULT_HANDOFF_SECONDS:.0f})")
     p.add_argument("--concurrency", type=int, default=1, help="jobs run at once (default 1)")
     p.add_argument("--name", help="processor name shown in job records (default host:pid)")
     p.add_argument("--cache", help="cache directory (default DICEBOX_HOME/cache)")
@@ -662,6 +846,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per request would drown the processor's own story.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # dicebox logs each broker failure itself, in one line; pika would add a traceback per
+    # failed connection attempt.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     flags = {"server_url": args.server, "broker_url": args.broker, "threads": args.threads}
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -670,13 +857,13 @@ def main(argv: list[str] | None = None) -> int:
             where = ".".join(str(p) for p in err.get("loc", ())) or "settings"
             print(f"dicebox.processor: {where}: {err.get('msg')}", file=sys.stderr)
         return 2
-    if not settings.embedded:
-        print("dicebox.processor: --broker / DICEBOX_BROKER_URL: RabbitMQ is not supported yet; "
-              "point the processor at a server with --server (or DICEBOX_SERVER_URL) instead",
-              file=sys.stderr)
-        return 2
     try:
-        processor = Processor(settings, concurrency=args.concurrency, name=args.name, cache_dir=args.cache)
+        processor: Processor
+        if settings.embedded:
+            processor = Processor(settings, concurrency=args.concurrency, name=args.name, cache_dir=args.cache)
+        else:
+            processor = BrokerProcessor(settings, concurrency=args.concurrency, name=args.name,
+                                        cache_dir=args.cache, handoff_seconds=_handoff_seconds(args))
         Client.from_settings(settings).close()  # checks the URL now rather than in every loop
     except ValueError as exc:
         print(f"dicebox.processor: {exc}", file=sys.stderr)
@@ -701,7 +888,25 @@ def main(argv: list[str] | None = None) -> int:
     if not processor.join(STOP_GRACE):
         log.warning("jobs still running after %.0f s: %s", STOP_GRACE, processor.running)
     log.info("processor %s stopped", processor.name)
-    return 0
+    return 1 if getattr(processor, "failed", False) else 0
+
+
+def _handoff_seconds(args: argparse.Namespace) -> float:
+    """--handoff-seconds, else DICEBOX_BROKER_HANDOFF_SECONDS, else the default; ValueError
+    names the one that is bad."""
+    if args.handoff_seconds is not None:
+        value, where = args.handoff_seconds, "--handoff-seconds"
+    elif os.environ.get("DICEBOX_BROKER_HANDOFF_SECONDS"):
+        where = "DICEBOX_BROKER_HANDOFF_SECONDS"
+        try:
+            value = float(os.environ[where])
+        except ValueError:
+            raise ValueError(f"{where}: expected seconds, got {os.environ[where]!r}") from None
+    else:
+        return DEFAULT_HANDOFF_SECONDS
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: expected seconds > 0, got {value}")
+    return value
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ exactly like a processor on another machine; this module only starts them, resta
 that dies (after a short back-off, so a crash loop does not spin), and stops them all with
 SIGTERM (a processor then hands its current job back, which resumes from its checkpoint).
 The API key reaches them through the environment, never the command line (visible in ps).
+With a broker (``dicebox serve --broker URL`` / ``DICEBOX_BROKER_URL``) the processors are
+started in RabbitMQ mode, as with their ``--broker``, and take their jobs from the broker;
+the URL, which may hold a password, also goes through the environment
+(``DICEBOX_BROKER_URL``), not the command line.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class LocalWorkers:
         env["DICEBOX_SERVER_URL"] = self.server_url
         if self.settings.api_key is not None:
             env["DICEBOX_API_KEY"] = self.settings.api_key.get_secret_value()
+        if self.settings.broker_url:
+            env["DICEBOX_BROKER_URL"] = self.settings.broker_url
         if "DICEBOX_THREADS" not in env:
             # Share the cores: N processors training at once each get their part.
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

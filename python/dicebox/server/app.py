@@ -16,7 +16,7 @@ from dicebox import __version__
 from dicebox.server import errors
 from dicebox.server.limits import BodyLimitMiddleware
 from dicebox.server.metrics import Metrics
-from dicebox.server.routes import compat, datasets, health, jobs, models, worker
+from dicebox.server.routes import compat, dashboard, datasets, health, jobs, models, worker
 from dicebox.server.services import Services
 from dicebox.settings import Settings
 
@@ -42,9 +42,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                   description="Train, evolve and serve image classifiers.")
     app.state.services = services
     app.state.metrics = Metrics(services.queue)
+    if services.ingest is not None:
+        services.ingest.metrics = app.state.metrics  # images from the broker count as ingested
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        overrides={"/v1/worker/": settings.max_artifact_bytes})
-    for module in (health, datasets, jobs, models, worker, compat):
+    for module in (health, datasets, jobs, models, worker, compat, dashboard):
         app.include_router(module.router)
     return app

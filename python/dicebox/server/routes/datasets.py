@@ -5,6 +5,8 @@ as JSON ``{"items": [{"category": ..., "data": base64}]}``; either way they go t
 ``SensoryStore.add_encoded``, which decodes every image once (off the event loop) and stores
 all of them or none. ``GET /v1/datasets/{name}/export`` serves a version's packed file with a
 strong ETag, and answers ``If-None-Match`` with 304, so processors download each version once.
+``GET /v1/datasets/{name}/images/{index}`` answers one stored image as a PNG (the dashboard's
+sample grid), its category in the ``X-Dicebox-Category`` header.
 
 Refusals: 415 for another content type; 400 for malformed bodies, bad base64, bad category
 names and images that are not readable PNG/JPEG files (corrupt, truncated, GIF, BMP...); 413
@@ -17,19 +19,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import os
 from collections.abc import Iterator
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
+import numpy as np
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, StrictInt
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dicebox.errors import InvalidInput, TooLarge, UnsupportedMedia
+from dicebox.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from dicebox.server.deps import Authorized, ServicesDep
 from dicebox.server.metrics import MetricsDep
 
@@ -45,6 +51,8 @@ EXPORT_CACHE_CONTROL = "no-cache"
 IMAGE_MEDIA_TYPES = "multipart/form-data or application/json"
 # Upload file names are echoed in error messages, cut to this length.
 MAX_NAME_IN_ERRORS = 100
+# A stored image never changes (the store only appends), so clients may keep it a while.
+IMAGE_CACHE_CONTROL = "private, max-age=3600"
 
 
 class DatasetCreate(BaseModel):
@@ -247,3 +255,32 @@ def _chunks(file: BinaryIO) -> Iterator[bytes]:
     with file:
         while chunk := file.read(CHUNK_BYTES):
             yield chunk
+
+
+@router.get("/{name}/images/{index}", response_class=Response,
+            responses={200: {"content": {"image/png": {}},
+                             "description": "the image, its category in X-Dicebox-Category"}})
+def get_image(name: str, index: int, services: ServicesDep) -> Response:
+    """Image ``index`` (0-based, in the order stored) as a PNG at the dataset's size, grey or
+    RGB as the dataset. Its category is in the ``X-Dicebox-Category`` header (percent-encoded
+    UTF-8) and its label number in ``X-Dicebox-Label``. 400 for a negative index, 404 for
+    one past the last image."""
+    if index < 0:
+        raise InvalidInput(f"index must be >= 0, got {index}", {"field": "index"})
+    count = services.sensory.get(name)["count"]  # 400/404 for the name first
+    if index >= count:
+        raise NotFound(f"dataset {name!r} has no image {index}: it holds {count} images "
+                       f"(indices 0..{count - 1})" if count else
+                       f"dataset {name!r} has no image {index}: it holds no images",
+                       {"dataset": name, "count": count})
+    dataset = services.sensory.dataset(name, count)
+    pixels = dataset.images[index]  # uint8 [C, H, W]
+    label = int(dataset.labels[index])
+    category = dataset.categories[label]
+    picture = Image.fromarray(np.ascontiguousarray(
+        pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0)))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    headers = {"Cache-Control": IMAGE_CACHE_CONTROL, "X-Dicebox-Label": str(label),
+               "X-Dicebox-Category": quote(category, safe="")}
+    return Response(out.getvalue(), media_type="image/png", headers=headers)

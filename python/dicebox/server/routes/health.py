@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
@@ -13,12 +13,6 @@ from dicebox.server.errors import error_response
 from dicebox.server.metrics import MetricsDep
 
 router = APIRouter(tags=["health"])
-
-
-@router.get("/", include_in_schema=False)
-async def root() -> RedirectResponse:
-    """The API's interactive documentation (the web dashboard will live here)."""
-    return RedirectResponse("/docs")
 
 
 @router.get("/healthz")

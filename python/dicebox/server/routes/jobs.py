@@ -1,7 +1,17 @@
-"""Jobs: submit, list, read, cancel, and follow a job's progress as Server-Sent Events."""
+"""Jobs: submit, list, read, cancel, and follow a job's progress as Server-Sent Events.
+
+In RabbitMQ mode a submitted train job is first stored (the database is the truth), then
+its message is published by the outbox (``dicebox.outbox``); the submit waits up to
+``PUBLISH_WAIT_SECONDS`` for the broker's confirm and says how it went in ``published``:
+true = the message is on the broker's disk; false = the broker did not confirm in time (or
+the job is an evolve job, which the server runs itself and never publishes). Either way
+the answer is 202 and the job is kept: an unpublished train job goes out once the broker
+is back.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal
 
@@ -21,6 +31,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=Authorized)
 # other processes), and how often it sends a comment to keep proxies from closing it.
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
+# RabbitMQ mode: how long a submit waits for its job's publisher confirm.
+PUBLISH_WAIT_SECONDS = 3.0
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -76,10 +88,36 @@ async def submit(sub: JobSubmission, services: ServicesDep, metrics: MetricsDep)
             raise InvalidInput(str(exc)) from None
 
     job = await run_in_threadpool(work)
-    services.notifier.notify()
+    body: dict[str, Any] = {"id": job["id"], "status": job["status"]}
+    if services.outbox is not None:
+        body["published"] = await _published(services, job)
+    else:
+        services.notifier.notify()
     metrics.jobs_submitted.labels(sub.kind).inc()
-    return JSONResponse({"id": job["id"], "status": job["status"]}, status_code=202,
-                        headers={"Location": f"/v1/jobs/{job['id']}"})
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"})
+
+
+async def _published(services, job: dict[str, Any]) -> bool:
+    """RabbitMQ mode: wake the outbox (with the notifier, which also wakes waiting event
+    streams) and wait up to PUBLISH_WAIT_SECONDS for the confirm of ``job``'s message."""
+    outbox = services.outbox
+    if job["published_at"] is not None:  # an earlier submit with the same idempotency key
+        services.notifier.notify()
+        return True
+    if job["kind"] != "train" or job["status"] != "queued":
+        # Evolve jobs are never published; a job found by its idempotency key that has
+        # already left the queue unpublished (canceled) never will be.
+        services.notifier.notify()
+        return False
+    # Expect before waking the outbox, so the confirm cannot slip by unseen.
+    future = outbox.expect(job["id"])
+    services.notifier.notify()
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), PUBLISH_WAIT_SECONDS)
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        outbox.forget(job["id"], future)
 
 
 @router.get("")

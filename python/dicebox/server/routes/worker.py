@@ -9,6 +9,13 @@ call that changes a job must come from the processor holding its lease (409 othe
 
 Checkpoints live in ``home/checkpoints/<job id>/checkpoint.safetensors`` (written
 atomically) and are deleted once the job has ended.
+
+In RabbitMQ mode processors do not claim: the broker hands each one a message naming a job,
+and the processor asks ``POST /jobs/{id}/start`` what to do with it (run it under a lease,
+wait for its live owner, drop a duplicate of an ended job, or dead-letter a job that used up
+its attempts; see ``JobQueue.claim_job``). Everything after that is the same protocol.
+``/claim`` answers 409 then, so a processor started without ``--broker`` learns at once why
+it gets no work.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import shutil
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,8 @@ POLL_SECONDS = 0.5
 # last attempt, canceled while queued) are swept at most this often.
 SWEEP_SECONDS = 60.0
 CHECKPOINT_FILE = "checkpoint.safetensors"
+# Shortest "look again in" of a /start answered "wait" (a lease about to expire).
+MIN_RETRY_AFTER = 1.0
 MAX_ERROR_CHARS = 10_000
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 _CHUNK = 1 << 20
@@ -66,6 +76,12 @@ class ClaimRequest(BaseModel):
     worker: str = Worker
     wait: float = Field(default=0.0, ge=0.0, le=MAX_WAIT,
                         description="seconds to wait for a job before answering 204")
+
+
+class StartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    worker: str = Worker
 
 
 class HeartbeatRequest(BaseModel):
@@ -195,6 +211,10 @@ def _number(value: Any) -> float | None:
 async def claim(body: ClaimRequest, request: Request, services: ServicesDep):
     """The next train job under a lease of ``lease_seconds`` for ``worker``, waiting up to
     ``wait`` seconds for one: ``{"job": {...}, "lease_seconds": s}``, or 204."""
+    if services.broker_mode:
+        raise Conflict("this server runs in RabbitMQ mode: processors take jobs from the broker "
+                       "(python -m dicebox.processor --broker URL), not from /v1/worker/claim",
+                       {"mode": "rabbitmq"})
     lease = services.settings.lease_seconds
     loop = asyncio.get_running_loop()
     deadline = loop.time() + body.wait
@@ -215,6 +235,63 @@ async def claim(body: ClaimRequest, request: Request, services: ServicesDep):
         if remaining <= 0:
             return Response(status_code=204)
         await services.notifier.wait(min(POLL_SECONDS, remaining))
+
+
+@router.post("/jobs/{job_id}/start")
+async def start(job_id: str, body: StartRequest, services: ServicesDep) -> dict:
+    """What to do with a broker message naming train job ``job_id`` (RabbitMQ mode; works in
+    either mode). ``action`` is one of:
+
+    - ``run``: the job is now ``worker``'s under a lease of ``lease_seconds`` (attempts + 1;
+      ``job`` holds the payload): run it, then ack the message once the result is stored;
+    - ``wait``: another owner's lease is alive; look again in ``retry_after`` seconds (park
+      the message that long);
+    - ``done``: the job has ended (``status``): a duplicate message, ack it;
+    - ``dead``: the job used up its attempts and has just ended failed with ``error``:
+      dead-letter the message.
+
+    404 for an unknown job or one that is not a train job (a message no processor may run).
+    """
+    _check_job_id(job_id)
+    lease = services.settings.lease_seconds
+
+    def work() -> tuple[str, dict[str, Any]]:
+        job = _get(services, job_id)
+        if job["kind"] not in PROCESSOR_KINDS:
+            raise NotFound(f"job {job_id} is a {job['kind']} job: processors run only train jobs",
+                           {"kind": job["kind"]})
+        try:
+            action, job = services.queue.claim_job(job_id, body.worker, lease)
+        except KeyError:
+            raise NotFound(f"no job {job_id!r}") from None
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+        if action == "dead":
+            _drop_checkpoint(services, job_id)
+        return action, job
+
+    action, job = await run_in_threadpool(work)
+    answer: dict[str, Any] = {"action": action, "job": job, "lease_seconds": lease}
+    if action == "wait":
+        answer["retry_after"] = _retry_after(job, lease)
+    else:
+        # "run" started the job, "dead" (and "done" for a dead owner's canceled job) ended
+        # it: wake its event streams.
+        services.notifier.notify()
+        if action == "done":
+            answer["status"] = job["status"]
+        elif action == "dead":
+            answer["error"] = job["error"]
+    return answer
+
+
+def _retry_after(job: dict[str, Any], lease: float) -> float:
+    """Seconds until the live lease of ``job`` expires (at least MIN_RETRY_AFTER, at most one
+    lease: the owner renews it meanwhile, so the message will come back to a live owner
+    again, or to a dead one's lease just expired)."""
+    expires = datetime.fromisoformat(job["lease_expires_at"])
+    remaining = (expires - datetime.now(timezone.utc)).total_seconds()
+    return round(min(max(remaining, MIN_RETRY_AFTER), lease), 3)
 
 
 @router.post("/jobs/{job_id}/heartbeat")
