@@ -8,9 +8,9 @@ epochs; a job longer than the broker's one-minute ``consumer_timeout``; poison m
 priorities.
 
 The server runs with a 5 s lease (``DICEBOX_LEASE_SECONDS``) so a dead processor's job is
-taken over quickly. The two LONG tests (about 70 s and 100 s; marked ``LONG`` in their
-names' docstrings) train a conv network sized on this machine (``big_images``) so that an
-epoch takes about 30 s on one thread. No assertion is about how long anything took, except
+taken over quickly. The two LONG tests (``test_long_*``, about 75 s and 115 s; the whole
+file takes about 5 minutes on 2 cores) train a conv network on a dataset sized on the machine
+running them (``big_images``), so that an epoch takes about 30 s on one thread. No assertion is about how long anything took, except
 where a test checks its own premise (that the job really outlived the broker's timeout).
 In CI (CI=true) nothing here skips: a missing rabbitmq-server fails.
 """
@@ -97,7 +97,7 @@ BIG = {
         {"type": "dense", "size": 32, "activation": "relu"},
     ],
 }
-BIG_EPOCH_SECONDS = 30.0
+BIG_EPOCH_SECONDS = 32.0
 HEARTBEAT = 2
 CONSUMER_TIMEOUT_MS = 60_000
 HANDOFF_SECONDS = 30
@@ -357,6 +357,8 @@ def heartbeat_of(broker: PrivateBroker, connection_name: str) -> int:
 
 
 def test_three_processors_share_the_work(tmp_path, broker, url):
+    """Ten jobs over three processors: each processor runs at least one, each job runs once
+    and leaves exactly one model, and every message is acknowledged."""
     seed_dataset(tmp_path, "dice", 600, SMALL_SIZE)
     with cluster(tmp_path, url) as c:
         for name in ("a", "b", "c"):
@@ -375,7 +377,7 @@ def test_three_processors_share_the_work(tmp_path, broker, url):
 
 KILL_SEED = 20240606
 KILLS = 4
-KILL_EPOCHS = 8
+KILL_EPOCHS = 10
 
 
 def test_kill_9_at_random_moments_loses_nothing(tmp_path, broker, url):
@@ -402,7 +404,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, broker, url):
         interrupted: set[str] = set()  # jobs whose running attempt a kill ended
         kills, deadline = 0, time.monotonic() + 240
         while kills < KILLS and time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.2, 2.5))
+            time.sleep(rng.uniform(0.1, 1.5))
             states = [c.client.get(f"/v1/jobs/{j}").json()["status"] for j in ids]
             if all(s in ("succeeded", "failed", "canceled") for s in states):
                 break
@@ -414,7 +416,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, broker, url):
             ]
             # Kill busy processors only, and never during a job's last attempt (with three
             # attempts, a job killed three times is failed for good, as it should be).
-            if not running or running[0]["attempts"] >= running[0]["max_attempts"] - 1:
+            if not running or running[0]["attempts"] >= running[0]["max_attempts"]:
                 continue
             job = running[0]
             victim.kill()
@@ -489,7 +491,7 @@ def test_broker_stopped_and_started_mid_run_loses_nothing(tmp_path, broker, url)
 def test_long_heartbeats_every_2_s_keep_the_connection_through_30_s_epochs(
     tmp_path, broker, url, big_images
 ):
-    """LONG (about 70 s). The processor's URL asks for a 2 s heartbeat; its job trains two
+    """LONG (about 75 s). The processor's URL asks for a 2 s heartbeat; its job trains two
     epochs of about 30 s each on one thread. The connection thread keeps heartbeats flowing
     while the training thread works, so the broker never drops the connection: no reconnect,
     one attempt."""
@@ -521,7 +523,7 @@ def test_long_heartbeats_every_2_s_keep_the_connection_through_30_s_epochs(
 
 
 def test_long_a_job_longer_than_the_consumer_timeout_completes_once(tmp_path, big_images):
-    """LONG (about 100 s). A broker whose ``consumer_timeout`` is one minute (checked every
+    """LONG (about 115 s). A broker whose ``consumer_timeout`` is one minute (checked every
     second) and a job of three 30 s epochs. At 30 s the processor hands its delivery over
     (a copy parked in ``dicebox.jobs.wait``, the original acked) and trains on under its
     lease; the copy comes back into ``dicebox.jobs`` and waits there (the processor's only

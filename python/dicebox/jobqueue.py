@@ -365,15 +365,19 @@ class JobQueue:
             job = session.scalars(stmt).one_or_none()
             if job is None:
                 return None
-            job.status = "running"
-            job.attempts += 1
-            job.progress = 0.0
-            job.lease_owner = owner
-            job.lease_expires_at = now + timedelta(seconds=lease)
-            job.started_at = now
-            job.finished_at = None
-            self._status_event(session, job, owner=owner)
+            self._take(session, job, owner, now, lease)
             return job.to_dict()
+
+    def _take(self, session: Session, job: Job, owner: str, now, lease: float) -> None:
+        """``job`` becomes ``owner``'s: running, one more attempt, a fresh lease."""
+        job.status = "running"
+        job.attempts += 1
+        job.progress = 0.0
+        job.lease_owner = owner
+        job.lease_expires_at = now + timedelta(seconds=lease)
+        job.started_at = now
+        job.finished_at = None
+        self._status_event(session, job, owner=owner)
 
     def claim_job(self, job_id: str, owner: str, lease_seconds: float) -> tuple[str, dict]:
         """Take one given job (RabbitMQ mode: the job a broker message names) under a lease.
@@ -417,14 +421,7 @@ class JobQueue:
                 self._status_event(session, job)
                 self._cancel_children(session, job.id)
                 return "dead", job.to_dict()
-            job.status = "running"
-            job.attempts += 1
-            job.progress = 0.0
-            job.lease_owner = owner
-            job.lease_expires_at = now + timedelta(seconds=lease)
-            job.started_at = now
-            job.finished_at = None
-            self._status_event(session, job, owner=owner)
+            self._take(session, job, owner, now, lease)
             return "run", job.to_dict()
 
     def unpublished(self, limit: int = 100) -> list[dict]:

@@ -41,6 +41,7 @@ from dicebox.commands.common import (
     positive_float,
     positive_int,
 )
+from dicebox.processor import split  # the same split as the server's processors
 
 TRAIN_PARAMS = ("epochs", "batch_size", "patience", "seed", "augment", "label_smoothing", "validation", "test")
 EVOLUTION_FIELDS = ("population", "generations", "retain", "random_select", "mutate_chance", "space",
@@ -265,18 +266,6 @@ def _local_dataset(args: argparse.Namespace, out: Output):
         yield dicebox.Dataset.load(target), info["count"], args.dataset
 
 
-def _split(data, validation: float, test: float, seed: int):
-    """(train, validation or None, test or None), as the server's processors split."""
-    fractions = [1.0 - validation - test] + [f for f in (validation, test) if f > 0]
-    if len(fractions) == 1:
-        return data, None, None
-    parts = list(data.split(fractions, seed=seed))
-    train = parts.pop(0)
-    val = parts.pop(0) if validation > 0 else None
-    tst = parts.pop(0) if test > 0 else None
-    return train, val, tst
-
-
 @contextmanager
 def _cancel_on_ctrl_c():
     """A CancelToken set by Ctrl-C, so training stops cleanly (dicebox.Cancelled) instead of
@@ -329,7 +318,7 @@ def _train_here(args: argparse.Namespace, out: Output, genome: dict[str, Any], p
     init, scratch = _init_model(args)
     try:
         with _local_dataset(args, out) as (data, version, name):
-            train, val, test = _split(data, params["validation"], params["test"], params["seed"])
+            train, val, test = split(data, params["validation"], params["test"], params["seed"])
             _check_data(data, False, val)
             started = time.monotonic()
             with out.progress(f"training on {name}", params["epochs"], "epochs") as bar, \
@@ -388,7 +377,7 @@ def _evolve_here(args: argparse.Namespace, out: Output, evolution: dict[str, Any
     if params["label_smoothing"]:
         raise UsageError("--label-smoothing applies to evolution only with --submit")
     with _local_dataset(args, out) as (data, version, name):
-        train, val, test = _split(data, params["validation"], params["test"], params["seed"])
+        train, val, test = split(data, params["validation"], params["test"], params["seed"])
         _check_data(data, True, val)
         total = evolution["population"] * evolution["generations"]
         scored = {"count": 0, "generation": None, "fitness": []}
