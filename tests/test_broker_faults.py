@@ -373,6 +373,30 @@ def test_three_processors_share_the_work(tmp_path, broker, url):
         wait_queues_empty(broker)
 
 
+def test_an_evolve_job_fans_out_over_every_processor(tmp_path, broker, url):
+    """Issue 6, item 4: the coordinator's children travel as messages; both processors train
+    individuals, and every generation completes whoever trained what."""
+    seed_dataset(tmp_path, "dice", 480, SMALL_SIZE)
+    with cluster(tmp_path, url) as c:
+        for name in ("a", "b"):
+            c.processor(name)
+        wait_consumers(url, 2)
+        job_id = submit(c.client, {"kind": "evolve", "dataset": "dice",
+                                   "evolution": {"population": 6, "generations": 2,
+                                                 "space": {"max_layers": 2, "max_size": 32}},
+                                   "params": {"epochs": 1, "seed": 5}},
+                        published=False)  # the evolve job itself is the coordinator's, never a message
+        job = wait_job(c.client, job_id, timeout=600)
+        assert job["status"] == "succeeded", job["error"]
+        result = job["result"]
+        assert len(result["generations"]) == 2 and result["model_id"]
+        children = c.client.get("/v1/jobs", params={"parent_id": job_id, "limit": 100}).json()["items"]
+        assert children and all(ch["status"] == "succeeded" for ch in children)
+        ran = Counter(story(c.client, ch["id"])["owners"][0].split(":")[0] for ch in children)
+        assert set(ran) == {"a", "b"}, ran
+        wait_queues_empty(broker)
+
+
 # -- (b) kill -9 -----------------------------------------------------------------------------------------
 
 KILL_SEED = 20240606

@@ -74,12 +74,12 @@ def _describe(genome: dict) -> str:
     return " -> ".join(parts) + f"; {optimizer['name']} lr {optimizer['learning_rate']:.4g}"
 
 
-def _start_server(home: Path, port: int) -> subprocess.Popen:
+def _start_server(home: Path, port: int, log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICEBOX_")}
     env["DICEBOX_HOME"] = str(home)
     cmd = [sys.executable, "-m", "dicebox", "serve", "--port", str(port), "--workers", "2",
            "--log-level", "warning"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(home / "server.log", "wb"))  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 def _wait_ready(client: Client, server: subprocess.Popen) -> None:
@@ -101,7 +101,8 @@ def main() -> int:
         home = Path(tmp)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        server = _start_server(home, port)
+        log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below, after the server
+        server = _start_server(home, port, log)
         try:
             with Client(url) as client:
                 _wait_ready(client, server)
@@ -114,6 +115,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+            log.close()
 
 
 def _run(client: Client, started: float) -> int:
