@@ -8,6 +8,7 @@ newer dicebox opens an older database and keeps its data. SQLite (a file in
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -54,6 +55,23 @@ class UTCDateTime(TypeDecorator):
         if value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
+
+
+# SQLite's result codes (sqlite3.SQLITE_FULL, SQLITE_READONLY) and PostgreSQL's SQLSTATEs
+# for "no room left" (disk_full) and "read-only" (read_only_sql_transaction).
+_SQLITE_STORAGE_ERRNOS = {13: errno.ENOSPC, 8: errno.EROFS}
+_POSTGRES_STORAGE_ERRNOS = {"53100": errno.ENOSPC, "25006": errno.EROFS}
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """ENOSPC when a database error (SQLAlchemy's, or the driver's own) means the database's
+    disk is full, EROFS when the database cannot be written; None for anything else."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return _SQLITE_STORAGE_ERRNOS.get(code & 0xFF)  # extended codes keep the primary below
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return _POSTGRES_STORAGE_ERRNOS.get(sqlstate) if isinstance(sqlstate, str) else None
 
 
 def now() -> datetime:

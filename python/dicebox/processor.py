@@ -54,6 +54,7 @@ import dicebox
 from dicebox.client import Client, ServerUnavailable
 from dicebox.dataset import Dataset
 from dicebox.errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge
+from dicebox.faults import crash_point
 from dicebox.genome import Genome
 from dicebox.model import Model
 from dicebox.rabbitmq.connection import redact
@@ -113,16 +114,21 @@ def _write_text_atomically(path: Path, text: str) -> None:
 
 def checkpoint_uses_init(path: str | os.PathLike) -> bool | None:
     """Whether the trainer's checkpoint at ``path`` was written by a warm-started run (its
-    fingerprint records that), or None when the file is not a readable checkpoint."""
+    fingerprint records that), or None when the file is not a whole, readable checkpoint
+    (a torn file: its tensors must end exactly where the file ends)."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100 << 20:
+            if length > 100 << 20 or 8 + length > size:
                 return None
             header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        if 8 + length + max(ends, default=0) != size:
+            return None
         state = json.loads(header["__metadata__"]["dicebox"])
         return bool(state["fingerprint"]["init"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error):
         return None
 
 
@@ -442,9 +448,11 @@ class JobRun:
         if resumed:
             used_init = checkpoint_uses_init(self.checkpoint_path)
             if used_init is None or used_init != (init is not None):
-                # The run it belongs to started differently (e.g. no best model existed then):
-                # the trainer would refuse it, so start over rather than fail the job.
-                log.warning("job %s: the stored checkpoint does not fit this run; starting over", self.id)
+                # Torn, or the run it belongs to started differently (e.g. no best model
+                # existed then): the trainer would refuse it, so start over rather than fail
+                # the job on every attempt.
+                log.warning("job %s: the stored checkpoint is unreadable or does not fit this run; "
+                            "starting over", self.id)
                 self.checkpoint_path.unlink(missing_ok=True)
             else:
                 log.info("job %s: resuming from the stored checkpoint", self.id)
@@ -513,10 +521,12 @@ class JobRun:
         store the checkpoint, then report the epoch. False stops the training."""
         epoch = _json_safe(record)
         progress = min(1.0, max(0.0, epoch["epoch"] / self.epochs))
+        crash_point("processor.checkpoint_written")
         try:
             if (self.checkpoint_path is not None and self.checkpoint_path.is_file()
                     and not self.checkpoint_refused):
                 self.client.worker.put_checkpoint(self.id, self.worker, self.checkpoint_path)
+                crash_point("processor.checkpoint_uploaded")
         except (Conflict, NotFound):
             self.interrupt("lost")
             return False

@@ -16,7 +16,9 @@ model and stores nothing.
 
 The best model of a dataset is the one with the highest fitness (validation accuracy of the
 kept weights), the newest winning ties. Errors are :mod:`dicebox.errors` (InvalidInput,
-NotFound), which the server maps to 400/404.
+NotFound), which the server maps to 400/404, and StorageError (an OSError naming the file;
+507 or 503 over HTTP) when the disk is full or the folder is not writable; the temporary
+directory is removed then, so a failed registration leaves neither files nor a row.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from dicebox.db import Base, Transactions, UTCDateTime, iso
 from dicebox.db import now as _now
-from dicebox.errors import InvalidInput, NotFound
+from dicebox.errors import InvalidInput, NotFound, as_storage_error
+from dicebox.faults import crash_point
 from dicebox.model import Model
 
 __all__ = ["BEST", "MODEL_FILE", "WEIGHTS_FILE", "ModelRecord", "ModelRegistry", "check_model_id"]
@@ -233,20 +236,26 @@ def _write_file(target: Path, source: bytes | IO[bytes] | Path) -> tuple[str, in
             return _write_file(target, stream)
     digest = hashlib.sha256()
     size = 0
-    with open(target, "wb") as out:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            chunks: Iterable[Any] = (bytes(source),)
-        else:
-            chunks = iter(lambda: source.read(_COPY_CHUNK), b"")
-        for chunk in chunks:
-            if not isinstance(chunk, (bytes, bytearray)):
-                raise InvalidInput("weights: expected bytes or a binary file, read"
-                                   f" {type(chunk).__name__}")
-            out.write(chunk)
-            digest.update(chunk)
-            size += len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with open(target, "wb") as out:
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                chunks: Iterable[Any] = (bytes(source),)
+            else:
+                chunks = iter(lambda: source.read(_COPY_CHUNK), b"")
+            for chunk in chunks:
+                if not isinstance(chunk, (bytes, bytearray)):
+                    raise InvalidInput("weights: expected bytes or a binary file, read"
+                                       f" {type(chunk).__name__}")
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        # A failed write or close (a full disk) names no file: name it.
+        if exc.filename is None:
+            exc.filename = str(target)
+        raise
     return digest.hexdigest(), size
 
 
@@ -334,18 +343,30 @@ class ModelRegistry:
 
         model_id = uuid.uuid4().hex
         temp = self.root / f"{_TEMP_PREFIX}{model_id}"
-        temp.mkdir()
         final = self.root / model_id
+        what = "cannot store the model's files"
         try:
-            weights_sha256, weights_bytes = _write_file(temp / WEIGHTS_FILE, weights)
-            _write_file(temp / MODEL_FILE, model_json)
+            temp.mkdir()
+        except OSError as exc:
+            raise as_storage_error(exc, what, temp) from exc
+        try:
+            try:
+                weights_sha256, weights_bytes = _write_file(temp / WEIGHTS_FILE, weights)
+                _write_file(temp / MODEL_FILE, model_json)
+            except OSError as exc:
+                raise as_storage_error(exc, what) from exc
             model = self._validate(temp)
             _fsync_dir(temp)
-            os.rename(temp, final)
+            crash_point("registry.files_written")
+            try:
+                os.rename(temp, final)
+            except OSError as exc:
+                raise as_storage_error(exc, what, final) from exc
             _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
+        crash_point("registry.renamed")
 
         history = _json_clean(model.history)
         val_accuracy = validation_accuracy(history)
@@ -364,6 +385,7 @@ class ModelRegistry:
                 session.add(record)
             with self._generation_lock:
                 self.generation += 1
+            crash_point("registry.committed")
             return record.to_dict()
         except IntegrityError:
             # Lost a race with a concurrent registration for the same job: the winner's row is

@@ -25,6 +25,9 @@ for reuse, and names it with a strong ETag; only the most recently used few expo
 Every public method runs in its own short transaction and returns plain data (times as ISO
 8601 UTC strings). Bad input raises the service's errors (``dicebox.errors``): InvalidInput
 (400), NotFound (404), Conflict (409), TooLarge (413); nothing is changed when one is raised.
+A full disk or an unwritable folder raises StorageError (an OSError naming the file; 507 or
+503 over HTTP) and changes nothing either: an append that fails part-way gives back the
+space it took past the committed count, an export that cannot be written leaves no file.
 
 The files must be on storage shared by every process that uses the same database (one server
 and the CLI on one machine, typically); the database row is the only cross-process lock.
@@ -56,7 +59,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from dicebox.db import Base, Transactions, UTCDateTime, iso
 from dicebox.db import now as _now
-from dicebox.errors import Conflict, InvalidInput, NotFound, TooLarge
+from dicebox.errors import Conflict, InvalidInput, NotFound, TooLarge, as_storage_error
+from dicebox.faults import crash_point
 from dicebox.settings import Settings
 
 __all__ = ["DatasetRecord", "SensoryStore", "check_category", "check_dataset_name"]
@@ -172,6 +176,16 @@ def _write_at(fd: int, data: memoryview, offset: int) -> None:
         written = os.pwrite(fd, data, offset)
         data = data[written:]
         offset += written
+
+
+def _truncate_quietly(path: Path, size: int) -> None:
+    """Cut ``path`` down to ``size`` bytes if it is longer; errors are ignored (this only
+    frees space, the bytes past the committed count are never read)."""
+    try:
+        if path.stat().st_size > size:
+            os.truncate(path, size)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -294,10 +308,14 @@ class SensoryStore:
             # The files may be left over from an earlier dataset of this name (database reset):
             # that is harmless, bytes past the committed count (0) are never read.
             folder = self._folder(name)
-            folder.mkdir(parents=True, exist_ok=True)
-            for file in (PIXELS_FILE, LABELS_FILE):
-                os.close(os.open(folder / file, os.O_WRONLY | os.O_CREAT, 0o644))
-            _fsync_dir(folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for file in (PIXELS_FILE, LABELS_FILE):
+                    os.close(os.open(folder / file, os.O_WRONLY | os.O_CREAT, 0o644))
+                _fsync_dir(folder)
+            except OSError as exc:
+                raise as_storage_error(exc, f"dataset {name!r}: cannot create its files",
+                                       folder) from exc
             declared = declared or []
             moment = _now()
             row = DatasetRecord(name=name, uid=uuid.uuid4().hex, width=width, height=height,
@@ -483,6 +501,7 @@ class SensoryStore:
                     f"{new[:10]}", {"limit": self.settings.max_categories})
             if len(names):
                 self._write_files(name, start, row.image_bytes, images, labels)
+                crash_point("sensory.files_written")
             row.count = start + len(names)
             row.categories = categories
             row.category_starts = starts
@@ -491,6 +510,7 @@ class SensoryStore:
             result = {"added": len(names), "count": row.count,
                       "counts": dict(zip(categories, counts))}
         # Leaving the block committed the new count: only now are the images part of it.
+        crash_point("sensory.committed")
         return result
 
     def _write_files(self, name: str, start: int, image_bytes: int, images: np.ndarray,
@@ -500,15 +520,24 @@ class SensoryStore:
         drops whatever an earlier crash left past the committed count."""
         folder = self._folder(name)
         pixels = np.ascontiguousarray(images).reshape(-1)
-        for file, data, record in ((PIXELS_FILE, pixels, image_bytes),
-                                   (LABELS_FILE, labels, LABEL_BYTES)):
-            fd = os.open(folder / file, os.O_RDWR | os.O_CREAT, 0o644)
+        files = ((folder / PIXELS_FILE, pixels, image_bytes),
+                 (folder / LABELS_FILE, labels, LABEL_BYTES))
+        for path, data, record in files:
             try:
-                _write_at(fd, memoryview(data).cast("B"), start * record)
-                os.ftruncate(fd, (start + len(labels)) * record)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    _write_at(fd, memoryview(data).cast("B"), start * record)
+                    os.ftruncate(fd, (start + len(labels)) * record)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                # Nothing is committed: give back what this append wrote past the count (on a
+                # full disk the next append needs that room), then say which file failed.
+                for other, _, other_record in files:
+                    _truncate_quietly(other, start * other_record)
+                raise as_storage_error(exc, f"dataset {name!r}: cannot store the images",
+                                       path) from exc
 
     # -- versions and exports -----------------------------------------------------------------
 
@@ -566,6 +595,8 @@ class SensoryStore:
             except FileNotFoundError:
                 self._build(name, info, image_bytes, path)
                 self._prune(folder, keep=path)
+            except OSError:
+                pass  # a read-only folder: the export is still served, just not marked used
             return {**info, "path": str(path), "size": path.stat().st_size}
 
     def dataset(self, name: str, version: int | None = None):
@@ -610,16 +641,21 @@ class SensoryStore:
             labels = np.empty(0, dtype=np.int64)
         packed = Dataset.from_arrays(images, labels, info["categories"])
         del images
-        path.parent.mkdir(parents=True, exist_ok=True)
         # A unique temporary name, renamed into place: another process building the same
-        # version at the same time never writes into our file (the core's own temporary name
-        # is fixed, "<path>.tmp").
+        # version at the same time never writes into our file.
         partial = path.parent / f".{path.stem}.{uuid.uuid4().hex}.partial"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             packed.save(partial)
             os.replace(partial, path)
+        except OSError as exc:
+            raise as_storage_error(exc, f"dataset {name!r}: cannot write the export of version "
+                                   f"{version}", path) from exc
         finally:
-            partial.unlink(missing_ok=True)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     @staticmethod
     def _prune(folder: Path, keep: Path) -> None:

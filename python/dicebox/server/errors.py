@@ -7,10 +7,12 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from dicebox.errors import ServiceError
+from dicebox import db
+from dicebox.errors import ServiceError, StorageError, as_storage_error
 
 log = logging.getLogger("dicebox.server")
 
@@ -45,3 +47,17 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error")
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(DBAPIError)
+    async def _storage(request: Request, exc: Exception) -> JSONResponse:
+        # A full disk (507) or unwritable storage (503) that no store turned into a
+        # StorageError itself (e.g. the database's own files); anything else goes on to the
+        # catch-all above (500), as before.
+        code = db.storage_errno(exc)
+        storage = (StorageError("the database cannot store the change", code) if code
+                   else as_storage_error(exc, "cannot write the server's files"))
+        if not isinstance(storage, StorageError):
+            raise exc
+        log.error("%s %s: %s (%s)", request.method, request.url.path, storage.message, exc)
+        return error_response(storage.status, storage.message, storage.detail)
