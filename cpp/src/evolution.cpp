@@ -626,7 +626,7 @@ SearchSpace SearchSpace::from_json(std::string_view text) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number beyond a double
     throw InvalidArgument(std::string("space: not valid JSON (") + e.what() + ")");
   }
   if (!j.is_object()) throw InvalidArgument("space: expected an object, got " + j.dump());

@@ -178,7 +178,7 @@ Genome Genome::from_json(std::string_view text) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number beyond a double
     throw InvalidArgument(std::string("genome: not valid JSON (") + e.what() + ")");
   }
   if (!j.is_object()) throw InvalidArgument("genome: expected an object, got " + j.dump());
@@ -255,7 +255,19 @@ std::vector<ModuleSpec> plan_network(const Genome& genome, Shape input, int64_t 
   genome.validate();
   if (input.channels < 1 || input.height < 1 || input.width < 1)
     throw InvalidArgument("input shape: every dimension must be >= 1");
+  // Bounded before any arithmetic on them: a model file's input shape and category count
+  // are untrusted, and an int64_t product that overflows is undefined behaviour. Each side
+  // is at most the limit, so height * width stays below 2^53.
+  constexpr int64_t max_values = GenomeLimits::max_feature_values;
+  if (input.channels > max_values || input.height > max_values || input.width > max_values ||
+      input.height * input.width > max_values / input.channels)
+    throw InvalidArgument("input shape: " + std::to_string(input.channels) + "x" + std::to_string(input.height) + "x" +
+                          std::to_string(input.width) + " is more than the limit of " + std::to_string(max_values) +
+                          " values per image");
   if (classes < 2) throw InvalidArgument("categories: at least 2 are needed, got " + std::to_string(classes));
+  if (classes > GenomeLimits::max_classes)
+    throw InvalidArgument("categories: " + std::to_string(classes) + " is more than the limit of " +
+                          std::to_string(GenomeLimits::max_classes));
   using Kind = ModuleSpec::Kind;
   std::vector<ModuleSpec> plan;
   Shape cur = input;

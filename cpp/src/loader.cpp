@@ -141,8 +141,11 @@ void augment_image(const uint8_t* src, Shape shape, const AugmentParams& params,
       // which is a library call on baseline x86-64.
       const int64_t left = static_cast<int64_t>(from.x() + 1) - 1;
       const int64_t top = static_cast<int64_t>(from.y() + 1) - 1;
-      const double fx = from.x() - static_cast<double>(left);
-      const double fy = from.y() - static_cast<double>(top);
+      // Just below an integer, x + 1 can round up to the next one: the fraction then comes
+      // out a hair below 0, and a negative weight could push a value outside 0-255.
+      // Clamped, every weight lies in [0, 1] (and the sample is that pixel's value).
+      const double fx = std::max(0.0, from.x() - static_cast<double>(left));
+      const double fy = std::max(0.0, from.y() - static_cast<double>(top));
       const double weights[4] = {(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy};
       if (left >= 0 && top >= 0 && left + 1 < width && top + 1 < height) {
         // The common case: all four neighbours lie inside the image.

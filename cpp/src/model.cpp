@@ -8,6 +8,7 @@
 #include "dicebox/errors.h"
 #include "dicebox/loader.h"
 #include "dicebox/safetensors.h"
+#include "model_file.h"
 #include "model_impl.h"
 
 namespace dicebox {
@@ -16,44 +17,7 @@ namespace {
 using json = nlohmann::json;
 namespace fs = std::filesystem;
 
-constexpr int kModelFormatVersion = 1;
-constexpr const char* kWeightsFile = "weights.safetensors";
-constexpr const char* kModelFile = "model.json";
-
-json record_to_json(const EpochRecord& r) {
-  auto num = [](double v) { return std::isfinite(v) ? json(v) : json(nullptr); };
-  return {{"epoch", r.epoch},          {"loss", num(r.loss)},
-          {"accuracy", r.accuracy},    {"val_loss", num(r.val_loss)},
-          {"val_accuracy", num(r.val_accuracy)},
-          {"samples_per_second", r.samples_per_second}, {"seconds", r.seconds}};
-}
-
-EpochRecord record_from_json(const json& j) {
-  auto num = [](const json& v) { return v.is_null() ? std::nan("") : v.get<double>(); };
-  EpochRecord r;
-  r.epoch = j.at("epoch").get<int64_t>();
-  r.loss = num(j.at("loss"));
-  r.accuracy = j.at("accuracy").get<double>();
-  r.val_loss = num(j.at("val_loss"));
-  r.val_accuracy = num(j.at("val_accuracy"));
-  r.samples_per_second = j.at("samples_per_second").get<double>();
-  r.seconds = j.at("seconds").get<double>();
-  return r;
-}
-
 }  // namespace
-
-json history_to_json(const std::vector<EpochRecord>& history) {
-  json a = json::array();
-  for (const auto& r : history) a.push_back(record_to_json(r));
-  return a;
-}
-
-std::vector<EpochRecord> history_from_json(const json& a) {
-  std::vector<EpochRecord> out;
-  for (const auto& j : a) out.push_back(record_from_json(j));
-  return out;
-}
 
 Normalisation Normalisation::of(const Dataset& dataset) {
   const Shape s = dataset.shape();
@@ -237,75 +201,34 @@ void Model::save(const std::string& dir) const {
     std::memcpy(t.bytes.data(), a.data.data(), t.bytes.size());
     tensors.emplace(a.name, std::move(t));
   }
-  write_safetensors((fs::path(dir) / kWeightsFile).string(), tensors, {{"format", "pt"}});
-  json j = {{"format", "dicebox-model"},
-            {"version", kModelFormatVersion},
-            {"genome", json::parse(impl_->genome.to_json())},
-            {"categories", impl_->categories},
-            {"input_shape", {impl_->shape.channels, impl_->shape.height, impl_->shape.width}},
-            {"normalisation", {{"mean", impl_->normalisation.mean}, {"std", impl_->normalisation.std}}},
-            {"history", history_to_json(impl_->history)},
-            {"weights", kWeightsFile},
-            {"extra", json::parse(impl_->extra)}};
-  std::string text = j.dump(2);
-  write_file_atomic((fs::path(dir) / kModelFile).string(), text.data(), text.size());
+  write_safetensors((fs::path(dir) / kModelWeightsFile).string(), tensors, {{"format", "pt"}});
+  const std::string text = model_json_text(*impl_);
+  write_file_atomic((fs::path(dir) / kModelJsonFile).string(), text.data(), text.size());
 }
 
 Model Model::load(const std::string& dir) {
-  const fs::path json_path = fs::path(dir) / kModelFile;
+  const fs::path json_path = fs::path(dir) / kModelJsonFile;
   if (!fs::is_directory(dir)) throw IoError("model directory " + dir + " does not exist");
   if (!fs::exists(json_path)) throw IoError(json_path.string() + " is missing: " + dir + " is not a saved model");
-  auto bytes = read_file(json_path.string());
-  auto impl = std::make_shared<Impl>();
-  try {
-    json j = json::parse(bytes.begin(), bytes.end());
-    if (j.at("format") != "dicebox-model") throw IoError(json_path.string() + ": not a dicebox model file");
-    int version = j.at("version").get<int>();
-    if (version > kModelFormatVersion)
-      throw IoError(json_path.string() + ": format version " + std::to_string(version) +
-                    " is newer than this dicebox reads (" + std::to_string(kModelFormatVersion) + ")");
-    impl->genome = Genome::from_json(j.at("genome").dump());
-    impl->categories = j.at("categories").get<std::vector<std::string>>();
-    auto shape = j.at("input_shape").get<std::vector<int64_t>>();
-    if (shape.size() != 3) throw IoError(json_path.string() + ": input_shape must have 3 entries");
-    impl->shape = Shape{shape[0], shape[1], shape[2]};
-    impl->normalisation.mean = j.at("normalisation").at("mean").get<std::vector<float>>();
-    impl->normalisation.std = j.at("normalisation").at("std").get<std::vector<float>>();
-    if (static_cast<int64_t>(impl->normalisation.mean.size()) != impl->shape.channels ||
-        static_cast<int64_t>(impl->normalisation.std.size()) != impl->shape.channels)
-      throw IoError(json_path.string() + ": normalisation does not match the channel count");
-    for (float s : impl->normalisation.std)
-      if (!(s > 0)) throw IoError(json_path.string() + ": normalisation std must be positive");
-    impl->history = history_from_json(j.value("history", json::array()));
-    impl->extra = j.value("extra", json::object()).dump();
-  } catch (const json::exception& e) {
-    throw IoError(json_path.string() + ": malformed (" + e.what() + ")");
-  } catch (const InvalidArgument& e) {
-    throw IoError(json_path.string() + ": " + e.what());
-  }
-  std::vector<ModuleSpec> plan;
-  try {
-    plan = plan_network(impl->genome, impl->shape, static_cast<int64_t>(impl->categories.size()));
-  } catch (const InvalidArgument& e) {
-    throw IoError(json_path.string() + ": " + e.what());
-  }
-  impl->network = std::make_unique<Network>(plan, 0);
-  impl->network->set_training(false);
-  const std::string weights_path = (fs::path(dir) / kWeightsFile).string();
+  const auto bytes = read_file(json_path.string());
+  ModelDescription description =
+      parse_model_json(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), json_path.string());
+  const std::string weights_path = (fs::path(dir) / kModelWeightsFile).string();
   if (!fs::exists(weights_path)) throw IoError(weights_path + " is missing");
-  auto tensors = read_safetensors(weights_path);
+  const auto tensors = read_safetensors(weights_path);
+  check_weights(tensors, description.plan, weights_path);
+
+  auto impl = std::make_shared<Impl>();
+  static_cast<ModelFields&>(*impl) = std::move(description.fields);
+  impl->network = std::make_unique<Network>(std::move(description.plan), 0);
+  impl->network->set_training(false);
   std::vector<std::pair<std::string, torch::Tensor>> values;
-  for (auto& [name, t] : tensors) {
-    if (t.dtype != DType::F32) throw IoError(weights_path + ": tensor " + name + " is not float32");
+  for (const auto& [name, t] : tensors) {
     auto tensor = torch::empty(t.shape, torch::kFloat32);
     std::memcpy(tensor.data_ptr<float>(), t.bytes.data(), t.bytes.size());
     values.emplace_back(name, tensor);
   }
-  try {
-    impl->network->load(values, weights_path);
-  } catch (const InvalidArgument& e) {
-    throw IoError(e.what());
-  }
+  impl->network->load(values, weights_path);
   return Model(impl);
 }
 

@@ -6,22 +6,15 @@
 #include <nlohmann/json.hpp>
 
 #include "dicebox/model.h"
+#include "model_file.h"
 #include "network.h"
 
 namespace dicebox {
 
-struct Model::Impl {
-  Genome genome;
-  std::vector<std::string> categories;
-  Shape shape;
-  Normalisation normalisation;
-  std::vector<EpochRecord> history;
-  std::string extra = "{}";
+// The fields model.json holds (genome, categories, shape, ...) and the network.
+struct Model::Impl : ModelFields {
   std::unique_ptr<Network> network;  // always in evaluation mode once inside a Model
 };
-
-nlohmann::json history_to_json(const std::vector<EpochRecord>& history);
-std::vector<EpochRecord> history_from_json(const nlohmann::json& array);
 
 // Normalised float32 images [n, C, H, W] from uint8 pixels.
 torch::Tensor normalise(const uint8_t* images, int64_t n, Shape shape, const Normalisation& norm);

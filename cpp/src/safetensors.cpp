@@ -100,8 +100,7 @@ std::vector<uint8_t> read_file(const std::string& path) {
   return bytes;
 }
 
-void write_safetensors(const std::string& path, const TensorMap& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+std::vector<uint8_t> serialize_safetensors(const TensorMap& tensors, const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   size_t offset = 0;
@@ -122,10 +121,18 @@ void write_safetensors(const std::string& path, const TensorMap& tensors,
   std::memcpy(out.data() + 8, text.data(), text.size());
   uint8_t* data = out.data() + 8 + text.size();
   for (const auto& [name, t] : tensors) {
+    // An empty tensor's vector may hold no buffer at all, and memcpy from null is undefined.
+    if (t.bytes.empty()) continue;
     std::memcpy(data, t.bytes.data(), t.bytes.size());
     data += t.bytes.size();
   }
-  write_file_atomic(path, out.data(), out.size());
+  return out;
+}
+
+void write_safetensors(const std::string& path, const TensorMap& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  const auto bytes = serialize_safetensors(tensors, metadata);
+  write_file_atomic(path, bytes.data(), bytes.size());
 }
 
 TensorMap parse_safetensors(const uint8_t* bytes, size_t size, const std::string& what,
@@ -144,27 +151,43 @@ TensorMap parse_safetensors(const uint8_t* bytes, size_t size, const std::string
   const uint8_t* data = bytes + 8 + n;
   const size_t data_size = size - 8 - n;
   TensorMap out;
+  // Every number is checked to be a non-negative integer before it is read as one: a JSON
+  // number may be any double, and converting one that does not fit is undefined behaviour.
+  auto malformed = [&](const std::string& name, const std::string& why) {
+    return IoError(what + ": tensor " + name + " " + why);
+  };
   try {
     for (const auto& [name, entry] : header.items()) {
       if (name == "__metadata__") {
-        if (metadata)
-          for (const auto& [k, v] : entry.items()) (*metadata)[k] = v.get<std::string>();
+        if (!entry.is_object()) throw IoError(what + ": __metadata__ must be an object of strings");
+        for (const auto& [k, v] : entry.items()) {
+          if (!v.is_string()) throw IoError(what + ": __metadata__ must be an object of strings");
+          if (metadata) (*metadata)[k] = v.get<std::string>();
+        }
         continue;
       }
+      if (!entry.is_object()) throw malformed(name, "is not an object");
       TensorData t;
       t.dtype = parse_dtype(entry.at("dtype").get<std::string>(), what);
+      const json& shape = entry.at("shape");
+      if (!shape.is_array()) throw malformed(name, "has a bad shape");
       size_t count = 1;
-      for (const auto& d : entry.at("shape")) {
-        int64_t dim = d.get<int64_t>();
-        if (dim < 0 || dim > (int64_t{1} << 40) || (dim > 0 && count > (size_t{1} << 40) / static_cast<size_t>(dim)))
-          throw IoError(what + ": tensor " + name + " has a bad shape");
-        t.shape.push_back(dim);
+      for (const auto& d : shape) {
+        if (!d.is_number_unsigned()) throw malformed(name, "has a bad shape");
+        const uint64_t dim = d.get<uint64_t>();
+        if (dim > (uint64_t{1} << 40) || (dim > 0 && count > (size_t{1} << 40) / dim))
+          throw malformed(name, "has a bad shape");
+        t.shape.push_back(static_cast<int64_t>(dim));
         count *= static_cast<size_t>(dim);
       }
-      auto begin = entry.at("data_offsets").at(0).get<uint64_t>();
-      auto end = entry.at("data_offsets").at(1).get<uint64_t>();
+      const json& offsets = entry.at("data_offsets");
+      if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
+          !offsets[1].is_number_unsigned())
+        throw malformed(name, "has bad data_offsets");
+      const auto begin = offsets[0].get<uint64_t>();
+      const auto end = offsets[1].get<uint64_t>();
       if (begin > end || end > data_size || end - begin != count * dtype_size(t.dtype))
-        throw IoError(what + ": tensor " + name + " lies outside the file or does not match its shape");
+        throw malformed(name, "lies outside the file or does not match its shape");
       t.bytes.assign(data + begin, data + end);
       out.emplace(name, std::move(t));
     }

@@ -158,3 +158,20 @@ TEST(Plan, LinearActivationAddsNoModule) {
                            Shape{1, 2, 2}, 2);
   EXPECT_EQ(plan.size(), 3u);  // flatten, linear, output
 }
+
+TEST(Genome, NumbersBeyondADoubleAreInvalidArguments) {
+  // nlohmann reports these as out_of_range, not parse_error; both must reach the caller as
+  // InvalidArgument (a 4xx), not as a JSON library exception.
+  EXPECT_NE(error_of(R"({"optimizer": {"name": "adam", "learning_rate": 1e999}, "layers": []})"), "");
+}
+
+TEST(Plan, InputShapeAndClassCountAreBounded) {
+  const Genome g = Genome::from_json(R"({"optimizer": "adam", "layers": [{"type": "dense", "size": 4}]})");
+  const int64_t huge = int64_t{1} << 40;
+  // Products of these sides overflow int64_t: they must be refused before any arithmetic.
+  EXPECT_THROW(plan_network(g, Shape{huge, huge, huge}, 2), InvalidArgument);
+  EXPECT_THROW(plan_network(g, Shape{1, GenomeLimits::max_feature_values, 2}, 2), InvalidArgument);
+  EXPECT_NO_THROW(plan_network(g, Shape{1, GenomeLimits::max_feature_values, 1}, 2));
+  EXPECT_THROW(plan_network(g, Shape{1, 2, 2}, GenomeLimits::max_classes + 1), InvalidArgument);
+  EXPECT_NO_THROW(plan_network(g, Shape{1, 2, 2}, GenomeLimits::max_classes));
+}

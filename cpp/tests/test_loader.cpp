@@ -471,5 +471,21 @@ TEST(BatchLoader, RefusesInvalidOptionsNamingTheField) {
   }
 }
 
+TEST(AugmentImage, WarpedValuesStayWithinThePixelRange) {
+  // A sample point just below an integer column (x + 1 rounds up) once gave a weight a hair
+  // below 0, and values such as -2.2e-16 (cpp/fuzz/regressions/image_buffers).
+  const Shape shape{1, 5, 4};
+  std::vector<uint8_t> image(20, 0);
+  image[13] = image[17] = 2;
+  const AugmentParams params{true, 10843961455707782.0, 10843961455707782.0, 3.1315130741798618e-294,
+                             2.1228052928227009e-314};
+  std::vector<float> out(20);
+  augment_image(image.data(), shape, params, out.data());
+  for (float v : out) {
+    EXPECT_GE(v, 0.0f);
+    EXPECT_LE(v, 255.0f);
+  }
+}
+
 }  // namespace
 }  // namespace dicebox

@@ -98,3 +98,30 @@ TEST(AtomicWrite, UnwritableDirectoryIsAClearError) {
     EXPECT_NE(std::string(e.what()).find("/nonexistent-dir/sub/file"), std::string::npos);
   }
 }
+
+TEST(Safetensors, EmptyTensorsRoundTrip) {
+  TensorMap in;
+  in["empty"] = TensorData{DType::F32, {0, 3}, {}};
+  in["w"] = floats({2}, {1, 2});
+  const auto bytes = serialize_safetensors(in);
+  const auto out = parse_safetensors(bytes.data(), bytes.size(), "memory");
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_TRUE(out.at("empty").bytes.empty());
+  EXPECT_EQ(out.at("empty").shape, (std::vector<int64_t>{0, 3}));
+  EXPECT_EQ(out.at("w").bytes, in["w"].bytes);
+}
+
+TEST(Safetensors, NonIntegerShapesAndOffsetsAreRejected) {
+  auto parse = [](const std::string& header) {
+    std::vector<uint8_t> bytes(8 + header.size() + 4, 0);
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<uint8_t>(header.size() >> (8 * i));
+    std::memcpy(bytes.data() + 8, header.data(), header.size());
+    return parse_safetensors(bytes.data(), bytes.size(), "memory");
+  };
+  EXPECT_NO_THROW(parse(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})"));
+  EXPECT_THROW(parse(R"({"w":{"dtype":"F32","shape":[1e300],"data_offsets":[0,4]}})"), IoError);
+  EXPECT_THROW(parse(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4.0e30]}})"), IoError);
+  EXPECT_THROW(parse(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})"), IoError);
+  EXPECT_THROW(parse(R"({"w":{"dtype":"F32","shape":1,"data_offsets":[0,4]}})"), IoError);
+  EXPECT_THROW(parse(R"({"__metadata__":{"a":1}})"), IoError);
+}

@@ -8,6 +8,7 @@
 #include "dicebox/errors.h"
 #include "dicebox/model.h"
 #include "dicebox/trainer.h"
+#include "model_impl.h"
 #include <thread>
 
 using namespace dicebox;
@@ -289,6 +290,40 @@ TEST(ModelFiles, MissingOrCorruptFilesAreNamed) {
   } catch (const IoError& e) {
     EXPECT_NE(std::string(e.what()).find("weights.safetensors"), std::string::npos);
   }
+}
+
+TEST(ModelFiles, PlannedParametersAreTheNetworksParameters) {
+  // check_weights (torch-free) validates a model's weights against plan_parameters; the
+  // network must hold exactly those names and shapes, or a checked file could still fail.
+  const Genome cnn = Genome::from_json(
+      R"({"optimizer": "adam", "layers": [{"type": "conv2d", "filters": 3, "kernel": [2, 3], "stride": 2},
+          {"type": "maxpool2d", "kernel": 2}, {"type": "dense", "size": 5}]})");
+  const auto plan = plan_network(cnn, Shape{2, 9, 9}, 4);
+  const auto planned = plan_parameters(plan);
+  const auto actual = Network(plan, 0).named_parameters();
+  ASSERT_EQ(planned.size(), actual.size());
+  for (size_t i = 0; i < planned.size(); ++i) {
+    EXPECT_EQ(planned[i].name, actual[i].first);
+    EXPECT_EQ(planned[i].shape, actual[i].second.sizes().vec()) << planned[i].name;
+  }
+}
+
+TEST(ModelFiles, ModelJsonNumbersAreChecked) {
+  // JSON numbers are doubles: one that does not fit the field's type is refused, not cast.
+  Dataset data = bands(30, 1);
+  const auto saved = nlohmann::json::parse(model_json_text(train(mlp(), data, nullptr, quick(1)).impl()));
+  EXPECT_NO_THROW(parse_model_json(saved.dump(), "model.json"));
+  auto with = [&](const nlohmann::json::json_pointer& field, double value) {
+    nlohmann::json changed = saved;
+    changed[field] = value;
+    return changed.dump();
+  };
+  using pointer = nlohmann::json::json_pointer;
+  EXPECT_THROW(parse_model_json(with(pointer("/version"), 1e300), "model.json"), IoError);
+  EXPECT_THROW(parse_model_json(with(pointer("/input_shape/1"), 1e300), "model.json"), IoError);
+  EXPECT_THROW(parse_model_json(with(pointer("/history/0/epoch"), -1e300), "model.json"), IoError);
+  EXPECT_THROW(parse_model_json(with(pointer("/normalisation/std/0"), 1e300), "model.json"), IoError);
+  EXPECT_THROW(parse_model_json(with(pointer("/normalisation/mean/0"), 1e39), "model.json"), IoError);
 }
 
 TEST(Metrics, ConfusionMatrixAgreesWithAccuracy) {

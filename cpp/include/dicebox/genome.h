@@ -27,7 +27,8 @@ struct GenomeLimits {
   static constexpr int64_t max_filters = 4096;   // conv filters
   static constexpr int64_t max_kernel = 64;      // kernel and stride, each side
   static constexpr double max_learning_rate = 10.0;
-  static constexpr int64_t max_feature_values = int64_t{1} << 26;  // per image, after any layer
+  static constexpr int64_t max_feature_values = int64_t{1} << 26;  // per image: input and after any layer
+  static constexpr int64_t max_classes = 65536;  // output units, as many as a dense layer may have
 };
 
 struct Layer {
@@ -86,7 +87,8 @@ struct ModuleSpec {
 
 // The network a genome builds for `input` images and `classes` outputs: the implied
 // flatten and output layer included. Throws InvalidArgument naming the field when a
-// kernel is larger than the feature map that reaches it, or a map would shrink below 1x1.
+// kernel is larger than the feature map that reaches it, or a map would shrink below 1x1,
+// and when the input or the class count exceeds GenomeLimits (both may come from files).
 std::vector<ModuleSpec> plan_network(const Genome& genome, Shape input, int64_t classes);
 // The plan as JSON (for to_torch on the Python side).
 std::string plan_to_json(const std::vector<ModuleSpec>& plan);

@@ -20,6 +20,9 @@ struct TensorData {
 
 using TensorMap = std::map<std::string, TensorData>;
 
+// The bytes of a safetensors file holding `tensors` (and `metadata`, when not empty).
+std::vector<uint8_t> serialize_safetensors(const TensorMap& tensors,
+                                           const std::map<std::string, std::string>& metadata = {});
 void write_safetensors(const std::string& path, const TensorMap& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 // Throws IoError naming the file when it is missing, truncated or malformed.
