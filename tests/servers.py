@@ -94,7 +94,11 @@ class Server(Process):
         cmd = [sys.executable, "-m", "dicebox", "serve", "--port", str(self.port),
                "--workers", str(workers), "--log-level", "warning"]
         super().__init__(cmd, env, home / f"server-{self.port}-{time.monotonic_ns()}.log")
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # nobody gets this object to stop it: leave no process behind
+            raise
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
-from urllib.parse import quote
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+# URLs that may hold a password (user:password@host); shown without it in repr().
+URL_FIELDS = ("database_url", "broker_url", "server_url")
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable URL>"
 
 
 def is_loopback(host: str) -> bool:
@@ -95,6 +109,11 @@ class Settings(BaseSettings):
     # taken up again this long after its last renewal.
     lease_seconds: float = Field(default=30.0, gt=0, validation_alias=AliasChoices(
         "lease_seconds", "DICEBOX_LEASE_SECONDS"))
+    # How long a client has to send a request (headers and body) from its first byte, plus a
+    # second per 64 KiB of body received: a slow client is cut off (408) instead of holding
+    # a connection open forever.
+    request_read_seconds: float = Field(default=60.0, gt=0, le=3600, validation_alias=AliasChoices(
+        "request_read_seconds", "DICEBOX_REQUEST_READ_SECONDS"))
     # Trained models kept loaded for classification (least recently used dropped first).
     model_cache_size: int = Field(default=8, ge=1, validation_alias=AliasChoices(
         "model_cache_size", "DICEBOX_MODEL_CACHE_SIZE"))
@@ -132,6 +151,12 @@ class Settings(BaseSettings):
             raise ValueError(f"host: {self.host} is not a loopback address; set DICEBOX_API_KEY (or "
                              "API_ACCESS_KEY) before serving beyond this machine")
         return self
+
+    def __repr_args__(self) -> Any:
+        # Settings end up in tracebacks and debug output: never with a URL's password (the
+        # SecretStr fields already print as stars).
+        for name, value in super().__repr_args__():
+            yield name, without_password(value) if name in URL_FIELDS and isinstance(value, str) else value
 
     @property
     def embedded(self) -> bool:

@@ -1,7 +1,8 @@
 """Request body limit, enforced while the body streams in (not after it has been read).
 
 A declared Content-Length over the limit is refused before any of the body is read; a body
-without one (chunked) is counted as it arrives and cut off at the limit. Written as plain
+without one (chunked) is counted as it arrives and cut off at the limit; either way the
+connection is closed after the 413, so the rest of the body is never read. Written as plain
 ASGI middleware because Starlette reads bodies lazily and has no such limit of its own.
 """
 
@@ -38,14 +39,15 @@ class BodyLimitMiddleware:
                     await self._refuse(send, 413, self._message(limit))
                     return
         received = 0
-        started = False
+        started = over_limit = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over_limit
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    over_limit = True
                     # A ServiceError: the app's handler answers 413 if the route was reading.
                     raise TooLarge(self._message(limit))
             return message
@@ -54,6 +56,12 @@ class BodyLimitMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if over_limit:
+                    # The rest of the body is never read: close the connection after the
+                    # answer instead of draining whatever the client still sends.
+                    message = {**message, "headers": [
+                        *[(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"],
+                        (b"connection", b"close")]}
             await send(message)
 
         try:

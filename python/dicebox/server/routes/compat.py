@@ -93,7 +93,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from PIL import Image
 
 from dicebox import __version__
@@ -105,11 +105,13 @@ from dicebox.registry import BEST
 from dicebox.sensory import check_category, check_dataset_name
 from dicebox.server.deps import Authorized, ServicesDep
 from dicebox.server.metrics import MetricsDep
+from dicebox.server.openapi import error_responses
 
 # The open paths (/health/plain, /api/version) are on ``router``; the others on ``api``,
 # which requires the key and is included into ``router`` below.
-router = APIRouter(tags=["compatibility"])
-api = APIRouter(tags=["compatibility"], dependencies=Authorized)
+router = APIRouter(tags=["compatibility"], responses=error_responses())
+api = APIRouter(tags=["compatibility"], dependencies=Authorized,
+                responses=error_responses(401, 404, 409, 429))
 
 #: Images per ``/api/sensory/request`` (one JSON answer).
 MAX_REQUEST_BATCH = 1024
@@ -398,7 +400,23 @@ def _draw(services, batch_size: int) -> tuple[dict[str, Any], np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # routes
 
-@router.get("/health/plain", response_class=PlainTextResponse)
+def _json_body_doc(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    """``openapi_extra`` describing a JSON body the route reads by hand (see the module
+    docstring: the body is read whatever the Content-Type says)."""
+    schema = {"type": "object", "properties": properties, "required": required}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_BATCH_DOC = _json_body_doc({"batch_size": {"type": "integer", "minimum": 1},
+                             "noise": {"type": "number", "minimum": 0, "maximum": 1}},
+                            ["batch_size"])
+_IMAGE_DATA = {"type": "string", "description": "base64 PNG (line breaks ignored)"}
+
+
+# response_class=Response (no media type of its own), so that the error answers this route
+# shares with every other are documented as the JSON they are.
+@router.get("/health/plain", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "`true`"}})
 async def health_plain() -> PlainTextResponse:
     """``true`` while the server is up (open, like ``/healthz``)."""
     return PlainTextResponse("true")
@@ -410,7 +428,10 @@ async def version() -> dict:
     return {"version": __version__}
 
 
-@api.post("/api/sensory/store")
+@api.post("/api/sensory/store", openapi_extra=_json_body_doc(
+    {"name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+     "category": {"type": ["string", "integer"]}, "data": _IMAGE_DATA},
+    ["name", "width", "height", "category", "data"]))
 async def sensory_store(request: Request, services: ServicesDep, metrics: MetricsDep) -> dict:
     """Store one image ``{"name", "width", "height", "category", "data": base64 PNG}`` in
     dataset ``name``, created at ``width`` x ``height`` (grey) on first use."""
@@ -465,7 +486,7 @@ async def category(services: ServicesDep) -> dict:
     return {"category_map": {str(index): name for index, name in enumerate(categories)}}
 
 
-@api.post("/api/sensory/request", status_code=201)
+@api.post("/api/sensory/request", status_code=201, openapi_extra=_BATCH_DOC)
 async def sensory_request(request: Request, services: ServicesDep) -> JSONResponse:
     """``batch_size`` random images of the default dataset: ``{"labels": one-hot lists,
     "data": flat pixel lists}``."""
@@ -494,7 +515,7 @@ async def sensory_request(request: Request, services: ServicesDep) -> JSONRespon
     return await run_in_threadpool(work)
 
 
-@api.post("/api/sensory/batch", status_code=202)
+@api.post("/api/sensory/batch", status_code=202, openapi_extra=_BATCH_DOC)
 async def sensory_batch(request: Request, services: ServicesDep) -> JSONResponse:
     """Order ``batch_size`` random images of the default dataset: ``{"batch_id"}``; poll
     ``/api/sensory/poll`` for them one at a time."""
@@ -510,7 +531,8 @@ async def sensory_batch(request: Request, services: ServicesDep) -> JSONResponse
     return JSONResponse({"batch_id": await run_in_threadpool(work)}, status_code=202)
 
 
-@api.post("/api/sensory/poll")
+@api.post("/api/sensory/poll", openapi_extra=_json_body_doc({"batch_id": {"type": "string"}},
+                                                                 ["batch_id"]))
 async def sensory_poll(request: Request, services: ServicesDep) -> dict:
     """The next image of a batch order, ``{"label": one-hot, "data": flat pixels}``, or
     ``{"label": null, "data": null}`` when it has none left (or is unknown)."""
@@ -533,7 +555,7 @@ async def sensory_poll(request: Request, services: ServicesDep) -> dict:
     return await run_in_threadpool(work)
 
 
-@api.post("/api/classify")
+@api.post("/api/classify", openapi_extra=_json_body_doc({"data": _IMAGE_DATA}, ["data"]))
 async def classify(request: Request, services: ServicesDep, metrics: MetricsDep) -> dict:
     """``{"data": base64 PNG}`` -> ``{"classification": index}`` in the category map, by the
     best model of the default dataset."""

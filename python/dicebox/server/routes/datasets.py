@@ -38,8 +38,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dicebox.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from dicebox.server.deps import Authorized, ServicesDep
 from dicebox.server.metrics import MetricsDep
+from dicebox.server.openapi import error_responses
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=Authorized)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=Authorized,
+                   responses=error_responses(401, 404, 422))
 
 # Uploads are read this much at a time, so an oversized file is refused at the limit instead of
 # being read whole; exports are streamed in chunks of the same size.
@@ -68,7 +70,8 @@ class DatasetCreate(BaseModel):
     categories: list[str] | None = None
 
 
-@router.post("", status_code=201, responses={200: {"description": "existed with this shape"}})
+@router.post("", status_code=201, responses={200: {"description": "existed with this shape"},
+                                             **error_responses(409)})
 def create(body: DatasetCreate, services: ServicesDep) -> JSONResponse:
     """Create a dataset: 201. Idempotent: the same name and shape again answers 200 with the
     existing dataset; a different shape (or different declared categories) answers 409."""
@@ -90,7 +93,18 @@ def get_dataset(name: str, services: ServicesDep) -> dict[str, Any]:
     return services.sensory.get(name)
 
 
-@router.post("/{name}/images")
+_UPLOAD_OPENAPI = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["category", "files"], "properties": {
+        "category": {"type": "string"},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": {"type": "object", "required": ["items"], "properties": {
+        "items": {"type": "array", "items": {"type": "object", "required": ["category", "data"],
+                                             "properties": {"category": {"type": "string"},
+                                                            "data": {"type": "string",
+                                                                     "description": "base64 PNG or JPEG"}}}}}}}}}}
+
+
+@router.post("/{name}/images", openapi_extra=_UPLOAD_OPENAPI, responses=error_responses(415))
 async def add_images(name: str, request: Request, services: ServicesDep,
                      metrics: MetricsDep) -> dict[str, Any]:
     """Add images: multipart (``category`` + ``files``) or JSON ``{"items": [{"category",
@@ -217,7 +231,8 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 @router.get("/{name}/export", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}},
-                       304: {"description": "the client's copy (If-None-Match) is current"}})
+                       304: {"description": "the client's copy (If-None-Match) is current"},
+                       **error_responses(409)})
 def export(name: str, services: ServicesDep, version: int | None = None,
            if_none_match: str | None = Header(None)) -> Response:
     """A version's packed dataset file (``dicebox.Dataset.load`` reads it); the newest when

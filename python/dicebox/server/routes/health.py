@@ -11,8 +11,9 @@ from sqlalchemy import text
 from dicebox.server.deps import ServicesDep
 from dicebox.server.errors import error_response
 from dicebox.server.metrics import MetricsDep
+from dicebox.server.openapi import error_responses
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=error_responses())
 
 
 @router.get("/healthz")
@@ -21,7 +22,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 async def readyz(services: ServicesDep):
     """Ready for work: the database answers and the coordinator runs."""
 
@@ -39,7 +40,9 @@ async def readyz(services: ServicesDep):
     return {"status": "ready", **checks}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}},
+                             "description": "Prometheus text exposition format"}})
 async def metrics(m: MetricsDep) -> Response:
     body = await run_in_threadpool(generate_latest, m.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -24,8 +24,10 @@ from dicebox.jobqueue import FINISHED
 from dicebox.jobspec import EVOLVE_ATTEMPTS, TRAIN_ATTEMPTS, JobSubmission, build_payload
 from dicebox.server.deps import Authorized, ServicesDep
 from dicebox.server.metrics import MetricsDep
+from dicebox.server.openapi import error_responses
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=Authorized)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=Authorized,
+                   responses=error_responses(401, 404, 422))
 
 # How often an events stream re-reads the database when nothing woke it (changes made by
 # other processes), and how often it sends a comment to keep proxies from closing it.
@@ -164,7 +166,9 @@ async def cancel(job_id: str, services: ServicesDep) -> dict:
     return public(job)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "the job's events, ending with `event: end`"}})
 async def events(job_id: str, request: Request, services: ServicesDep,
                  last_event_id: str | None = Header(default=None)) -> StreamingResponse:
     """Server-Sent Events: every event of the job from the start (or after ``Last-Event-ID``),

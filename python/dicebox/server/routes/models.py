@@ -31,6 +31,7 @@ from dicebox.classifier import DEFAULT_TOP, MAX_TOP, Classifier, LoadedModel
 from dicebox.errors import InvalidInput, TooLarge, UnsupportedMedia
 from dicebox.registry import MODEL_FILE, WEIGHTS_FILE, ModelRegistry
 from dicebox.server.deps import Authorized
+from dicebox.server.openapi import error_responses
 
 
 @asynccontextmanager
@@ -43,7 +44,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=Authorized,
-                   lifespan=_lifespan)
+                   responses=error_responses(401, 404, 422), lifespan=_lifespan)
 
 # Requests whose images declare at most this many pixels and bytes in total go to the
 # classifier's batch thread, which runs the small requests of all connections together
@@ -108,7 +109,9 @@ async def _model_file(request: Request, model_id: str, dataset: str | None, name
                         filename=None if name == MODEL_FILE else f"{record['id']}.safetensors")
 
 
-@router.get("/{model_id}/weights")
+@router.get("/{model_id}/weights", response_class=Response, responses={
+    200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"},
+    304: {"description": "the client's copy (If-None-Match) is current"}})
 async def get_weights(request: Request, model_id: str,
                       dataset: str | None = DatasetQuery) -> Response:
     """The weights as a safetensors file (tensor names as the PyTorch module's state dict).
@@ -116,7 +119,9 @@ async def get_weights(request: Request, model_id: str,
     return await _model_file(request, model_id, dataset, WEIGHTS_FILE, "application/octet-stream")
 
 
-@router.get("/{model_id}/model.json")
+@router.get("/{model_id}/model.json", response_class=Response, responses={
+    200: {"content": {"application/json": {}}, "description": "the model's model.json"},
+    304: {"description": "the client's copy (If-None-Match) is current"}})
 async def get_model_json(request: Request, model_id: str,
                          dataset: str | None = DatasetQuery) -> Response:
     """The model's ``model.json``: with the weights saved as ``weights.safetensors`` beside it,
@@ -316,7 +321,7 @@ def _parse_multipart_images(body: bytes, content_type: str, classifier: Classifi
     return reader.images
 
 
-@router.post("/{model_id}/classify", openapi_extra=_CLASSIFY_OPENAPI)
+@router.post("/{model_id}/classify", openapi_extra=_CLASSIFY_OPENAPI, responses=error_responses(415))
 async def classify(request: Request, model_id: str) -> Response:
     """Classify PNG/JPEG images: multipart ``files`` or JSON ``{"items": [{"data": base64}]}``.
 

@@ -44,9 +44,11 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from dicebox.errors import Conflict, InvalidInput, NotFound, TooLarge
 from dicebox.jobqueue import FINISHED
 from dicebox.server.deps import Authorized, ServicesDep
+from dicebox.server.openapi import error_responses
 from dicebox.server.services import Services
 
-router = APIRouter(prefix="/v1/worker", tags=["worker"], dependencies=Authorized)
+router = APIRouter(prefix="/v1/worker", tags=["worker"], dependencies=Authorized,
+                   responses=error_responses(401, 404, 409, 422))
 
 log = logging.getLogger("dicebox.server.worker")
 
