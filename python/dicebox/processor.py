@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 import dicebox
+from dicebox.allocator import pin_mmap_threshold
 from dicebox.client import Client, ServerUnavailable
 from dicebox.dataset import Dataset
 from dicebox.errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge
@@ -852,6 +853,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a processor until SIGTERM/SIGINT. Exit codes: 0 stopped, 2 bad usage."""
     args = _parser().parse_args(argv)
+    pin_mmap_threshold()  # keeps the resident size flat (see dicebox.allocator)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per request would drown the processor's own story.

@@ -24,7 +24,9 @@ import time
 
 import uvicorn
 
+from dicebox.allocator import pin_mmap_threshold
 from dicebox.server import create_app
+from dicebox.server.protocol import bounded_request_protocol
 from dicebox.settings import Settings
 
 log = logging.getLogger("dicebox.serve")
@@ -128,9 +130,11 @@ class ServerWithWorkers(uvicorn.Server):
 
 def serve(settings: Settings, workers: int = 0, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM, with ``workers`` local processors once it listens."""
+    pin_mmap_threshold()  # keeps a busy server's resident size flat (see dicebox.allocator)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=5, server_header=False)
+                            timeout_graceful_shutdown=5, server_header=False,
+                            http=bounded_request_protocol(settings.request_read_seconds))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     local = LocalWorkers(settings, workers, f"http://{host}:{settings.port}")
     server = ServerWithWorkers(config, local)
