@@ -26,13 +26,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import free_port, multipart_body
 
 HERE = Path(__file__).resolve().parent
 SIZE = 32
@@ -62,12 +65,6 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(root: Path, kind: str) -> tuple[Path, Path, str, bytes]:
@@ -131,14 +128,6 @@ def post(url: str, body: bytes, content_type: str) -> dict:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
-
-
-def multipart(png: bytes) -> tuple[bytes, str]:
-    boundary = "dicebox-bench-boundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
-            "Content-Type: image/png\r\n\r\n")
-    return head.encode() + png + f"\r\n--{boundary}--\r\n".encode(), \
-        f"multipart/form-data; boundary={boundary}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -205,7 +194,7 @@ def main() -> int:
         json_body = json.dumps({"items": [{"data": base64.b64encode(png).decode()}]}).encode()
         (root / "body.json").write_bytes(json_body)
         body, content_type = (json_body, "application/json") if args.format == "json" \
-            else multipart(png)
+            else multipart_body([png])
         (root / "body.dicebox").write_bytes(body)
         script = root / "post.lua"
         script.write_text(WRK_SCRIPT)

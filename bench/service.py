@@ -24,11 +24,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from servers import Processor, Server, upload_dice, wait_for
+from common import Processor, Server, all_jobs, percentile, upload_dice, wait_for
 
 GENOME = {"optimizer": {"name": "adam", "learning_rate": 0.002},
           "layers": [{"type": "dense", "size": 32, "activation": "relu"}]}
@@ -36,22 +34,6 @@ GENOME = {"optimizer": {"name": "adam", "learning_rate": 0.002},
 
 def _seconds(job: dict, start: str, end: str) -> float:
     return (datetime.fromisoformat(job[end]) - datetime.fromisoformat(job[start])).total_seconds()
-
-
-def _percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
-def _all_jobs(client: httpx.Client) -> list[dict]:
-    out, cursor = [], None
-    while True:
-        params = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
-        page = client.get("/v1/jobs", params=params).json()
-        out += page["items"]
-        cursor = page["next"]
-        if cursor is None:
-            return out
 
 
 def bench_jobs(n_jobs: int, n_idle: int) -> dict:
@@ -90,14 +72,14 @@ def bench_jobs(n_jobs: int, n_idle: int) -> dict:
 
             wait_for(all_done, 3600, 0.5, "the benchmark jobs")
             elapsed = time.perf_counter() - started
-            jobs = [j for j in _all_jobs(client) if j["id"] in wanted]
+            jobs = [j for j in all_jobs(client) if j["id"] in wanted]
             failed = [j for j in jobs if j["status"] != "succeeded"]
             loaded = [_seconds(j, "created_at", "started_at") for j in jobs]
             return {
                 "jobs": n_jobs, "failed": len(failed), "seconds": elapsed, "jobs_per_second": n_jobs / elapsed,
                 "submit_seconds": submitted,
-                "idle_p50_ms": 1000 * statistics.median(idle), "idle_p95_ms": 1000 * _percentile(idle, 0.95),
-                "loaded_p50_ms": 1000 * statistics.median(loaded), "loaded_p95_ms": 1000 * _percentile(loaded, 0.95),
+                "idle_p50_ms": 1000 * statistics.median(idle), "idle_p95_ms": 1000 * percentile(idle, 0.95),
+                "loaded_p50_ms": 1000 * statistics.median(loaded), "loaded_p95_ms": 1000 * percentile(loaded, 0.95),
             }
         finally:
             client.close()
@@ -159,5 +141,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())

@@ -24,7 +24,7 @@ import time
 
 import uvicorn
 
-from dicebox.allocator import pin_mmap_threshold
+from dicebox.allocator import pin_mmap_threshold, start_releasing_free_memory
 from dicebox.server import create_app
 from dicebox.server.protocol import bounded_request_protocol
 from dicebox.settings import Settings
@@ -130,7 +130,9 @@ class ServerWithWorkers(uvicorn.Server):
 
 def serve(settings: Settings, workers: int = 0, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM, with ``workers`` local processors once it listens."""
-    pin_mmap_threshold()  # keeps a busy server's resident size flat (see dicebox.allocator)
+    # Both keep a busy server's resident size flat (see dicebox.allocator).
+    pin_mmap_threshold()
+    start_releasing_free_memory()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=5, server_header=False,
